@@ -1,1 +1,27 @@
-"""lmtune: adapt an open LLM to a small labeled dataset, and measure which adaptation to trust."""
+"""lmtune: adapt an open LLM to a small labeled dataset, and measure which adaptation to trust.
+
+The public API, re-exported::
+
+    import lmtune
+    lm = lmtune.load_model("smollm2-135m")
+    task = lmtune.ClassificationTask("Review: {text}\\nIs this review positive?", "negative=no,positive=yes")
+    head = lmtune.ClosedFormClassifier(lm, task).fit("builtin:reviews:train")
+    report = lmtune.evaluate(head, "builtin:reviews:test")
+    head.save("runs/sentiment"); head = lmtune.load_run("runs/sentiment")
+"""
+
+__version__ = "0.1.0"
+
+from lmtune.data import Dataset, Template, load_builtin, open_data, read_records
+from lmtune.errors import DataError, LmtuneError
+from lmtune.evaluate import evaluate, predict_records
+from lmtune.features import Features, cached_extract, extract
+from lmtune.methods import METHODS, ClosedFormClassifier, ZeroShotClassifier, load_run
+from lmtune.models import DEFAULT_MODEL, LM, load_model
+from lmtune.tasks import ClassificationTask
+
+__all__ = [
+    "DEFAULT_MODEL", "LM", "METHODS", "ClassificationTask", "ClosedFormClassifier", "DataError", "Dataset",
+    "Features", "LmtuneError", "Template", "ZeroShotClassifier", "cached_extract", "evaluate", "extract",
+    "load_builtin", "load_model", "load_run", "open_data", "predict_records", "read_records",
+]

@@ -1,0 +1,224 @@
+"""The ``lmtune`` command: argument parsing only; every command calls the library.
+
+Option help for method parameters is read from the estimators' numpydoc docstrings, so the CLI and the
+Python API describe each parameter in the same words.
+"""
+
+from __future__ import annotations
+
+import argparse
+import inspect
+import json
+import os
+import re
+import sys
+import tempfile
+import warnings
+from pathlib import Path
+
+from lmtune.errors import LmtuneError
+
+
+def _param_help(obj, name: str) -> str:
+    """The description of parameter ``name`` in ``obj``'s numpydoc docstring ("" when absent)."""
+    doc = inspect.getdoc(obj) or ""
+    m = re.search(rf"^(?:[\w, ]*\b){re.escape(name)}\b[\w, ]* :.*\n((?:    .*\n?)+)", doc, re.M)
+    return " ".join(line.strip() for line in m.group(1).splitlines()) if m else ""
+
+
+def _task_args(p: argparse.ArgumentParser, required: bool) -> None:
+    from lmtune.tasks import ClassificationTask as T
+
+    g = p.add_argument_group("task")
+    g.add_argument("--template", required=required, help=_param_help(T, "template"))
+    g.add_argument("--label-words", required=required, help=_param_help(T, "label_words"))
+    g.add_argument("--label-field", default="label", help=_param_help(T, "label_field"))
+    g.add_argument("--no-chat", action="store_true", help="Do not apply the model's chat template.")
+    g.add_argument("--max-length", type=int, default=512, help=_param_help(T, "max_length"))
+
+
+def _run_args(p: argparse.ArgumentParser) -> None:
+    from lmtune.methods.base import LabelTokenClassifier as B
+
+    p.add_argument("--batch-size", type=int, default=16, help=_param_help(B, "batch_size"))
+    p.add_argument("--no-cache", action="store_true", help="Do not read or write the on-disk feature cache.")
+    p.add_argument("--json", action="store_true", help="Print one JSON object on stdout (no progress bars).")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    from lmtune.methods import METHODS
+    from lmtune.methods.closed_form import ClosedFormClassifier as CF
+    from lmtune.models import DEFAULT_MODEL
+
+    parser = argparse.ArgumentParser(prog="lmtune", description=__import__("lmtune").__doc__.splitlines()[0])
+    parser.add_argument("--version", action="version", version=__import__("lmtune").__version__)
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    methods_help = "; ".join(f"{name}: {(inspect.getdoc(cls) or '').splitlines()[0]}" for name, cls in METHODS.items())
+    p = sub.add_parser("fit", help="Fit a method on labeled data and save a run folder.",
+                       description=f"Methods: {methods_help}")
+    p.add_argument("--method", required=True, choices=sorted(METHODS))
+    p.add_argument("--model", default=DEFAULT_MODEL, help="Built-in name, Hugging Face folder, .gguf file or hub id.")
+    p.add_argument("--train", required=True, help="Training data: .jsonl, .csv, .tsv or builtin:NAME:SPLIT.")
+    p.add_argument("--out", required=True, help="Run folder to write (replaced atomically if it is a run).")
+    _task_args(p, required=True)
+    g = p.add_argument_group("closed-form")
+    g.add_argument("--lam", type=float, default=None, help=_param_help(CF, "lam"))
+    g.add_argument("--criterion", choices=["gcv", "loo"], default="gcv", help=_param_help(CF, "criterion"))
+    g.add_argument("--smoothing", type=float, default=0.1, help=_param_help(CF, "smoothing"))
+    g.add_argument("--no-intercept", action="store_true", help="Do not fit the per-label bias.")
+    _run_args(p)
+
+    for name, what in (("eval", "Metrics of a run (or of the zero-shot model) on labeled data."),
+                       ("predict", "One JSON line per record: the label and every label's probability.")):
+        p = sub.add_parser(name, help=what, description=what)
+        p.add_argument("run", nargs="?", help="A run folder written by `lmtune fit`.")
+        p.add_argument("--data", required=True, help="Data: .jsonl, .csv, .tsv or builtin:NAME:SPLIT.")
+        p.add_argument("--zero-shot", action="store_true", help="Use the base model (needs --template, --label-words).")
+        p.add_argument("--model", default=None, help="Base model (default: the run's, or smollm2-135m).")
+        _task_args(p, required=False)
+        _run_args(p)
+        if name == "eval":
+            p.add_argument("--bins", type=int, default=15, help="ECE bins (equal width).")
+            p.add_argument("--examples", type=int, default=5, help="Flip examples shown per kind.")
+        else:
+            p.add_argument("--out", default=None, help="Write the JSON lines to this file (atomically) instead of stdout.")
+
+    p = sub.add_parser("demo", help="Zero-shot vs closed-form on the built-in reviews dataset.")
+    p.add_argument("--model", default=DEFAULT_MODEL)
+    p.add_argument("--out", default=None, help="Also save the fitted closed-form run here.")
+    p.add_argument("--json", action="store_true", help="Print the results as one JSON object.")
+
+    sub.add_parser("methods", help="List the available methods.")
+    return parser
+
+
+def _task_from(args):
+    from lmtune.tasks import ClassificationTask
+
+    if not args.template or not args.label_words:
+        raise LmtuneError("--template and --label-words are required here")
+    return ClassificationTask(args.template, args.label_words, label_field=args.label_field,
+                              chat=not args.no_chat, max_length=args.max_length)
+
+
+def _common(args) -> dict:
+    return {"batch_size": args.batch_size, "progress": False if args.json else None, "cache": not args.no_cache}
+
+
+def _estimator_for(args):
+    """The estimator an eval/predict command applies: a run folder, or the zero-shot model."""
+    from lmtune.methods import ZeroShotClassifier, load_run
+    from lmtune.models import DEFAULT_MODEL
+
+    if args.zero_shot == bool(args.run):
+        raise LmtuneError("give either a run folder or --zero-shot (with --template and --label-words)")
+    if args.zero_shot:
+        return ZeroShotClassifier(args.model or DEFAULT_MODEL, _task_from(args), **_common(args)).fit()
+    return load_run(args.run, model=args.model, **_common(args))
+
+
+def cmd_fit(args) -> int:
+    from lmtune.methods import METHODS
+    from lmtune.methods.closed_form import ClosedFormClassifier
+
+    kwargs = _common(args)
+    if METHODS[args.method] is ClosedFormClassifier:
+        kwargs.update(lam=args.lam, criterion=args.criterion, smoothing=args.smoothing,
+                      fit_intercept=not args.no_intercept)
+    est = METHODS[args.method](args.model, _task_from(args), **kwargs).fit(args.train)
+    path = est.save(args.out)
+    card = json.loads((Path(path) / "card.json").read_text())
+    if args.json:
+        print(json.dumps(card))
+    else:
+        print(f"saved {args.method} run to {path}")
+        fitted = card.get("fitted")
+        if fitted:
+            print(f"lambda {fitted['lam']:.4g} ({fitted['solver']}, condition number {fitted['condition_number']:.3g}), "
+                  f"solve {fitted['solve_seconds'] * 1e3:.1f} ms, features {fitted['extract_seconds']:.1f} s")
+        if card.get("train_metrics"):
+            tm = card["train_metrics"]
+            print(f"train accuracy {tm['accuracy']:.4f}, macro-F1 {tm['macro_f1']:.4f}, NLL {tm['nll']:.4f}")
+    return 0
+
+
+def cmd_eval(args) -> int:
+    from lmtune.evaluate import evaluate
+    from lmtune.report import metrics_text
+
+    ev = evaluate(_estimator_for(args), args.data, n_bins=args.bins, n_examples=args.examples)
+    print(json.dumps(ev) if args.json else metrics_text(ev))
+    return 0
+
+
+def cmd_predict(args) -> int:
+    from lmtune.evaluate import predict_records
+
+    rows = predict_records(_estimator_for(args), args.data)
+    if args.out is None:
+        for row in rows:
+            print(json.dumps(row, ensure_ascii=False))
+        return 0
+    out = Path(args.out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{out.name}.tmp-", dir=out.parent)
+    try:
+        with os.fdopen(fd, "w", encoding="utf-8") as f:
+            for row in rows:
+                f.write(json.dumps(row, ensure_ascii=False) + "\n")
+        os.replace(tmp, out)
+    finally:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+    return 0
+
+
+def cmd_demo(args) -> int:
+    from lmtune.demo import run_demo
+    from lmtune.report import METRIC_COLUMNS, flips_text, table
+
+    log = (lambda *a: None) if args.json else (lambda msg: print(msg, file=sys.stderr))
+    res = run_demo(args.model, progress=False if args.json else None, out=args.out, log=log)
+    if args.json:
+        print(json.dumps(res))
+        return 0
+    print(f"\nmodel {res['model']} (loaded in {res['load_seconds']:.1f} s); train {res['train']} "
+          f"(n={res['n_train']}), test {res['test']} (n={res['closed_form']['data']['n']})")
+    print(f"template: {res['template']!r}\n")
+    print(table(res["rows"], METRIC_COLUMNS))
+    print()
+    print(flips_text(res["closed_form"]["flips"]))
+    return 0
+
+
+def cmd_methods(args) -> int:
+    from lmtune.methods import METHODS
+
+    for name, cls in METHODS.items():
+        print(f"{name:14s} {(inspect.getdoc(cls) or '').splitlines()[0]}")
+    return 0
+
+
+COMMANDS = {"fit": cmd_fit, "eval": cmd_eval, "predict": cmd_predict, "demo": cmd_demo, "methods": cmd_methods}
+
+
+def _show_warning(message, category, filename, lineno, file=None, line=None):
+    print(f"lmtune: warning: {message}", file=sys.stderr)
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    warnings.showwarning = _show_warning
+    try:
+        return COMMANDS[args.command](args)
+    except LmtuneError as e:
+        print(f"lmtune: error: {e}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("lmtune: interrupted", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,199 @@
+"""Last-token hidden states ``Z`` and label-token logits ``L``, computed fast and cached on disk.
+
+For a prompt ``x_{1:t}`` the causal LM's next-token logits are ``z_t A`` with ``z_t`` (d,) the final
+(normed) hidden state and ``A`` (d, V) the output embedding. Classification needs only the K columns of
+``A`` that belong to the label tokens, so this module runs the transformer *backbone*, keeps the hidden
+state at each prompt's last real token, and multiplies by those K columns: ``L = Z A[:, labels]``. The
+full-vocabulary logits of every position are never formed.
+
+Three things make extraction fast on a CPU:
+
+* **Shared prefix.** Every prompt of a task begins with the same tokens (the chat template's system turn
+  and the instruction before ``{text}``). The longest common *token* prefix of the whole dataset is run
+  once; its key/value cache is broadcast to every batch, and only the suffixes are computed. Working on
+  token ids (not strings) makes this exact: each record's token sequence is the one the plain path sees.
+* **Length-sorted batches** with right padding, so little compute is spent on pad tokens; results are
+  returned in the caller's order.
+* **An on-disk cache** keyed by the model fingerprint, the exact token ids and the label tokens, so a refit
+  with another ``lambda`` or target smoothing never touches the model again.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import sys
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+from safetensors.numpy import load_file, save_file
+from tqdm.auto import tqdm
+
+from lmtune.models import LM, cache_dir
+
+FEATURE_VERSION = 1
+MIN_SHARED_PREFIX = 4  # below this, a prefix cache costs more than it saves
+
+
+@dataclass
+class Features:
+    """Z (N, d) float32 last-token hidden states; L (N, K) float32 label-token logits."""
+
+    Z: np.ndarray
+    L: np.ndarray
+
+    def __len__(self) -> int:
+        return len(self.Z)
+
+
+def show_progress(progress: bool | None) -> bool:
+    """``None`` means: show a bar only when stderr is a terminal."""
+    return sys.stderr.isatty() if progress is None else bool(progress)
+
+
+def common_prefix_length(seqs: list[list[int]]) -> int:
+    """Length of the longest token prefix shared by all sequences, leaving at least one token each."""
+    if not seqs:
+        return 0
+    first = seqs[0]
+    n = min(len(s) for s in seqs) - 1
+    for s in seqs[1:]:
+        k = 0
+        while k < n and s[k] == first[k]:
+            k += 1
+        n = k
+        if n == 0:
+            break
+    return max(n, 0)
+
+
+def label_head(lm: LM, label_token_ids: list[int]) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """Rows of the output embedding (and bias) for the label tokens: A[:, labels]^T as (K, d)."""
+    out = lm.model.get_output_embeddings()
+    idx = torch.tensor(label_token_ids, device=out.weight.device)
+    bias = out.bias[idx] if getattr(out, "bias", None) is not None else None
+    return out.weight[idx], bias
+
+
+def _prefix_cache(backbone, prefix: list[int], device) -> list[tuple[torch.Tensor, torch.Tensor]]:
+    from transformers import DynamicCache
+
+    cache = DynamicCache(config=backbone.config)
+    backbone(input_ids=torch.tensor([prefix], device=device), past_key_values=cache, use_cache=True)
+    return [(layer.keys, layer.values) for layer in cache.layers]
+
+
+def _batch_cache(backbone, kv, batch: int):
+    from transformers import DynamicCache
+
+    # expand() makes views; the cache concatenates new keys into fresh tensors, so the shared prefix
+    # is never written to.
+    return DynamicCache(ddp_cache_data=[(k.expand(batch, -1, -1, -1), v.expand(batch, -1, -1, -1)) for k, v in kv],
+                        config=backbone.config)
+
+
+@torch.inference_mode()
+def extract(lm: LM, input_ids: list[list[int]], label_token_ids: list[int], *, batch_size: int = 16,
+            share_prefix: bool = True, progress: bool | None = None, desc: str = "features") -> Features:
+    """Run the model over prompts and return their last-token hidden states and label logits.
+
+    Parameters
+    ----------
+    lm : LM
+    input_ids : list of list of int
+        N prompts, already tokenized (see :meth:`lmtune.tasks.ClassificationTask.encode`).
+    label_token_ids : list of int
+        The K label tokens.
+    batch_size : int
+    share_prefix : bool
+        Compute the dataset's common token prefix once (exact; see the module docstring).
+    progress : bool or None
+        Progress bar; ``None`` shows it only on a terminal.
+
+    Returns
+    -------
+    Features
+        ``Z`` (N, d) and ``L`` (N, K), float32, in the order of ``input_ids``.
+    """
+    model = lm.model
+    backbone = model.base_model
+    device = lm.device
+    A_lab, bias = label_head(lm, label_token_ids)  # (K, d), (K,)
+    N, d = len(input_ids), lm.hidden_size
+    Z = np.empty((N, d), dtype=np.float32)
+    L = np.empty((N, len(label_token_ids)), dtype=np.float32)
+
+    P = common_prefix_length(input_ids) if share_prefix else 0
+    kv = _prefix_cache(backbone, input_ids[0][:P], device) if P >= MIN_SHARED_PREFIX else None
+    if kv is None:
+        P = 0
+    pad = lm.tokenizer.pad_token_id if lm.tokenizer.pad_token_id is not None else 0
+    order = sorted(range(N), key=lambda i: len(input_ids[i]), reverse=True)
+
+    with tqdm(total=N, desc=desc, unit="prompt", disable=not show_progress(progress), leave=False) as bar:
+        for start in range(0, N, batch_size):
+            idx = order[start:start + batch_size]
+            B = len(idx)
+            lengths = torch.tensor([len(input_ids[i]) - P for i in idx])
+            T = int(lengths.max())
+            ids = torch.full((B, T), pad, dtype=torch.long)
+            mask = torch.zeros((B, P + T), dtype=torch.long)
+            mask[:, :P] = 1
+            for row, i in enumerate(idx):
+                ids[row, :lengths[row]] = torch.tensor(input_ids[i][P:])
+                mask[row, P:P + lengths[row]] = 1
+            kwargs = {}
+            if kv is not None:
+                kwargs = {"past_key_values": _batch_cache(backbone, kv, B),
+                          "position_ids": (P + torch.arange(T, device=device)).expand(B, -1), "use_cache": True}
+            h = backbone(input_ids=ids.to(device), attention_mask=mask.to(device), **kwargs).last_hidden_state
+            z = h[torch.arange(B, device=device), (lengths - 1).to(device)]  # (B, d)
+            logits = z @ A_lab.T  # (B, K)
+            if bias is not None:
+                logits = logits + bias
+            Z[idx] = z.float().cpu().numpy()
+            L[idx] = logits.float().cpu().numpy()
+            bar.update(B)
+    return Features(Z, L)
+
+
+def feature_key(lm: LM, input_ids: list[list[int]], label_token_ids: list[int]) -> str:
+    """Cache key: model fingerprint, label tokens and the exact token ids (which already encode the data,
+    the template, the chat formatting and the tokenizer)."""
+    h = hashlib.sha256()
+    h.update(json.dumps({"v": FEATURE_VERSION, "model": lm.fingerprint, "labels": list(label_token_ids),
+                         "dtype": str(next(lm.model.parameters()).dtype)}).encode())
+    h.update(np.asarray([len(s) for s in input_ids], dtype=np.int64).tobytes())
+    if input_ids:
+        h.update(np.concatenate([np.asarray(s, dtype=np.int64) for s in input_ids]).tobytes())
+    return h.hexdigest()[:32]
+
+
+def cached_extract(lm: LM, input_ids: list[list[int]], label_token_ids: list[int], *, cache: bool = True,
+                   **kwargs) -> Features:
+    """:func:`extract` through the on-disk cache (``$LMTUNE_CACHE/features``)."""
+    if not cache:
+        return extract(lm, input_ids, label_token_ids, **kwargs)
+    path = cache_dir() / "features" / f"{feature_key(lm, input_ids, label_token_ids)}.safetensors"
+    if path.is_file():
+        t = load_file(str(path))
+        return Features(t["Z"], t["L"])
+    feats = extract(lm, input_ids, label_token_ids, **kwargs)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=".tmp-", suffix=".safetensors", dir=path.parent)
+    os.close(fd)
+    try:
+        save_file({"Z": feats.Z, "L": feats.L}, tmp)
+        os.replace(tmp, path)
+    finally:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+    return feats
+
+
+def feature_cache_path() -> Path:
+    return cache_dir() / "features"

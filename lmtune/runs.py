@@ -1,0 +1,59 @@
+"""Run folders: what a fitted method leaves on disk, written atomically.
+
+A run folder holds ``card.json`` (method, model, task, hyper-parameters, data hash, metrics, versions)
+and the method's learned tensors as safetensors files. The folder is assembled under a temporary name
+beside its destination and renamed into place, so an interrupted save never leaves a half-written run and
+an existing run is replaced only once the new one is complete.
+"""
+
+from __future__ import annotations
+
+import datetime as _dt
+import json
+import os
+import shutil
+import tempfile
+from pathlib import Path
+from typing import Callable
+
+from lmtune.errors import LmtuneError
+
+CARD = "card.json"
+
+
+def write_run(path: str | Path, card: dict, write_files: Callable[[Path], None]) -> Path:
+    """Create the run folder ``path`` with ``card`` and whatever ``write_files(folder)`` writes."""
+    import lmtune
+
+    dest = Path(path)
+    dest.parent.mkdir(parents=True, exist_ok=True)
+    if dest.exists() and not (dest / CARD).is_file():
+        if not dest.is_dir() or any(dest.iterdir()):
+            raise LmtuneError(f"{dest} exists and is not an lmtune run folder; choose another --out")
+    card = dict(card, lmtune_version=lmtune.__version__,
+                created=_dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"))
+    tmp = Path(tempfile.mkdtemp(prefix=f".{dest.name}.tmp-", dir=dest.parent))
+    try:
+        write_files(tmp)
+        (tmp / CARD).write_text(json.dumps(card, indent=2, ensure_ascii=False, allow_nan=False) + "\n")
+        if dest.exists():
+            old = dest.with_name(f".{dest.name}.old-{os.getpid()}")
+            os.rename(dest, old)
+            os.rename(tmp, dest)
+            shutil.rmtree(old, ignore_errors=True)
+        else:
+            os.rename(tmp, dest)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    return dest
+
+
+def read_card(path: str | Path) -> dict:
+    p = Path(path)
+    card = p / CARD
+    if not card.is_file():
+        raise LmtuneError(f"{p} is not an lmtune run folder: {CARD} is missing")
+    try:
+        return json.loads(card.read_text())
+    except json.JSONDecodeError as e:
+        raise LmtuneError(f"{card}: not valid JSON ({e})") from None
