@@ -135,7 +135,7 @@ def cmd_fit(args) -> int:
         print(f"saved {args.method} run to {path}")
         fitted = card.get("fitted")
         if fitted:
-            print(f"lambda {fitted['lam']:.4g} ({fitted['solver']}, condition number {fitted['condition_number']:.3g}), "
+            print(f"lambda {fitted['lam']:.4g} ({fitted['solver']}, condition number {fitted['condition_number']}), "
                   f"solve {fitted['solve_seconds'] * 1e3:.1f} ms, features {fitted['extract_seconds']:.1f} s")
         if card.get("train_metrics"):
             tm = card["train_metrics"]

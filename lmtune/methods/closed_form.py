@@ -69,6 +69,11 @@ def regression_targets(feats: Features, y: np.ndarray, n_classes: int, smoothing
     return center_rows(smoothed_log_targets(y, n_classes, smoothing)) - center_rows(feats.L.astype(np.float64))
 
 
+def _finite(v) -> float | None:
+    """JSON has no inf: an infinite condition number or score is written as null."""
+    return float(v) if np.isfinite(v) else None
+
+
 class ClosedFormClassifier(LabelTokenClassifier):
     """Closed-form ridge correction ``W`` of the label-token logits.
 
@@ -153,10 +158,10 @@ class ClosedFormClassifier(LabelTokenClassifier):
             **self.base_card(),
             "params": {"lam": self.lam, "criterion": self.criterion, "smoothing": self.smoothing,
                        "fit_intercept": self.fit_intercept},
-            "fitted": {"lam": self.lam_, "solver": sol.solver, "condition_number": float(sol.condition_number),
+            "fitted": {"lam": self.lam_, "solver": sol.solver, "condition_number": _finite(sol.condition_number),
                        "lambda_selection": None if sel is None else {
                            "criterion": sel.criterion, "grid": [float(v) for v in sel.grid],
-                           "scores": [float(v) if np.isfinite(v) else None for v in sel.scores]},
+                           "scores": [_finite(v) for v in sel.scores]},
                        "solve_seconds": self.solve_seconds_, "extract_seconds": getattr(self, "extract_seconds_", None)},
             "train": {"path": getattr(self, "data_path_", None), "n": getattr(self, "n_train_", None),
                       "sha256": getattr(self, "data_hash_", None)},
