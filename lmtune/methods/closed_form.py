@@ -170,8 +170,9 @@ class ClosedFormClassifier(LabelTokenClassifier):
 
     def save(self, path: str | Path) -> Path:
         def write(folder: Path) -> None:
-            save_file({"W": self.weight_, "b": self.bias_},  # float64: tiny, and reloads exactly
-
+            # float64 (tiny, and reloads exactly); contiguous, because safetensors.numpy writes the
+            # raw buffer and silently scrambles a transposed array
+            save_file({"W": np.ascontiguousarray(self.weight_), "b": np.ascontiguousarray(self.bias_)},
                       str(folder / HEAD_FILE), metadata={"format": "lmtune.closed-form", "lam": repr(self.lam_)})
         return write_run(path, self.card(), write)
 

@@ -1,0 +1,77 @@
+"""End to end with the real default model (SmolLM2-135M-Instruct) on the built-in dataset.
+
+One shared load of the model (the ``real_lm`` session fixture); the train and test features are
+extracted once and then served by the on-disk feature cache.
+"""
+
+import json
+
+import numpy as np
+import pytest
+import torch
+
+import lmtune
+from lmtune import cli, models
+from lmtune.demo import DEMO_TEMPLATE, demo_task
+
+pytestmark = pytest.mark.real_model
+
+
+@pytest.fixture(scope="module")
+def fitted(real_lm):
+    task = demo_task()
+    zs = lmtune.ZeroShotClassifier(real_lm, task, progress=False).fit()
+    cf = lmtune.ClosedFormClassifier(real_lm, task, progress=False).fit("builtin:reviews:train")
+    return zs, cf
+
+
+def test_closed_form_beats_zero_shot_by_a_clear_margin(fitted):
+    zs, cf = fitted
+    zs_eval = lmtune.evaluate(zs, "builtin:reviews:test")
+    cf_eval = lmtune.evaluate(cf, "builtin:reviews:test")
+    zs_acc, cf_acc = zs_eval["metrics"]["accuracy"], cf_eval["metrics"]["accuracy"]
+    assert cf_acc >= zs_acc + 0.15, (zs_acc, cf_acc)
+    assert cf_acc >= 0.75
+    assert cf_eval["metrics"]["nll"] < zs_eval["metrics"]["nll"]
+    f = cf_eval["flips"]
+    assert f["wrong_to_right"] > f["right_to_wrong"]
+    assert f["wrong_to_right"] - f["right_to_wrong"] == round((cf_acc - zs_acc) * f["n"])
+    assert cf_eval["zero_shot"] == zs_eval["metrics"]
+
+
+def test_save_load_gives_identical_predictions(fitted, real_lm, tmp_path):
+    _, cf = fitted
+    before = cf.predict_proba("builtin:reviews:test")
+    loaded = lmtune.load_run(cf.save(tmp_path / "run"), progress=False)  # the model named in the card
+    assert loaded.lm is real_lm
+    np.testing.assert_array_equal(loaded.predict_proba("builtin:reviews:test"), before)
+
+
+def test_cli_fit_eval_predict(fitted, tmp_path, capsys):
+    run = tmp_path / "sentiment"
+    args = ["--model", "smollm2-135m", "--template", DEMO_TEMPLATE, "--label-words", "negative=no,positive=yes"]
+    assert cli.main(["fit", "--method", "closed-form", "--train", "builtin:reviews:train", "--out", str(run),
+                     "--json", *args]) == 0
+    card = json.loads(capsys.readouterr().out)
+    assert card["fitted"]["lam"] == pytest.approx(fitted[1].lam_)
+    assert cli.main(["eval", str(run), "--data", "builtin:reviews:test", "--json"]) == 0
+    ev = json.loads(capsys.readouterr().out)
+    assert ev["metrics"]["accuracy"] == lmtune.evaluate(fitted[1], "builtin:reviews:test")["metrics"]["accuracy"]
+    assert cli.main(["eval", "--zero-shot", "--data", "builtin:reviews:test", "--json", *args]) == 0
+    assert json.loads(capsys.readouterr().out)["metrics"] == ev["zero_shot"]
+    assert cli.main(["predict", str(run), "--data", "builtin:reviews:test"]) == 0
+    rows = [json.loads(line) for line in capsys.readouterr().out.splitlines()]
+    assert len(rows) == 200 and {r["label"] for r in rows} <= {"negative", "positive"}
+
+
+def test_gguf_cache_matches_the_gguf_and_reloads_fast(real_lm):
+    """The cached safetensors copy holds the GGUF's dequantized weights, bit for bit."""
+    from transformers import AutoModelForCausalLM
+
+    gguf = models.builtin_gguf_path("smollm2-135m")
+    source, _ = models.resolve("smollm2-135m")
+    assert (models.cache_dir() / "models").resolve() in models.Path(source).resolve().parents
+    direct = AutoModelForCausalLM.from_pretrained(str(gguf.parent), gguf_file=gguf.name, dtype=torch.float32).eval()
+    ids = real_lm.tokenizer("The service was slow but the food was great.", return_tensors="pt")["input_ids"]
+    with torch.no_grad():
+        torch.testing.assert_close(direct(ids).logits, real_lm.model(ids).logits, rtol=0, atol=0)

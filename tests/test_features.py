@@ -1,0 +1,73 @@
+"""Feature extraction: parity with the full model's logits, prefix sharing is exact, the disk cache."""
+
+import numpy as np
+import pytest
+import torch
+
+import lmtune
+from lmtune import features
+from lmtune.features import cached_extract, common_prefix_length, extract
+
+
+def _reference(lm, prompts, label_ids):
+    """One prompt at a time through the whole causal LM: the full-vocabulary logits at the last position."""
+    Z, L = [], []
+    with torch.no_grad():
+        for ids in prompts:
+            out = lm.model(input_ids=torch.tensor([ids]), output_hidden_states=True)
+            Z.append(out.hidden_states[-1][0, -1].numpy())
+            L.append(out.logits[0, -1, label_ids].numpy())
+    return np.stack(Z), np.stack(L)
+
+
+@pytest.fixture(scope="module")
+def prompts(tiny_lm):
+    from lmtune.tasks import ClassificationTask
+
+    task = ClassificationTask("Read the review and answer the question. Review: {text}\nIs this review positive?",
+                              "negative=no,positive=yes")
+    ds = lmtune.load_builtin("reviews", "test").subset(range(23))
+    return task.encode(tiny_lm.tokenizer, ds, labeled=False).input_ids, task.label_token_ids(tiny_lm.tokenizer)
+
+
+@pytest.mark.parametrize("share_prefix", [True, False])
+@pytest.mark.parametrize("batch_size", [1, 5, 64])
+def test_extract_matches_full_model(tiny_lm, prompts, share_prefix, batch_size):
+    ids, label_ids = prompts
+    assert len({len(p) for p in ids}) > 5, "prompts of varied length exercise padding"
+    f = extract(tiny_lm, ids, label_ids, batch_size=batch_size, share_prefix=share_prefix, progress=False)
+    Z, L = _reference(tiny_lm, ids, label_ids)
+    np.testing.assert_allclose(f.Z, Z, atol=1e-5, rtol=1e-4)
+    np.testing.assert_allclose(f.L, L, atol=1e-5, rtol=1e-4)
+
+
+def test_shared_prefix_is_used_and_exact(tiny_lm, prompts, monkeypatch):
+    ids, label_ids = prompts
+    P = common_prefix_length(ids)
+    assert P >= features.MIN_SHARED_PREFIX  # the chat marker and the instruction are shared
+    seen = []
+    real = features._prefix_cache
+    monkeypatch.setattr(features, "_prefix_cache", lambda bb, prefix, dev: seen.append(len(prefix)) or real(bb, prefix, dev))
+    extract(tiny_lm, ids, label_ids, batch_size=8, progress=False)
+    assert seen == [P]
+
+
+def test_common_prefix_length():
+    assert common_prefix_length([[1, 2, 3, 4], [1, 2, 3, 5], [1, 2, 9]]) == 2
+    # at least one token of each sequence is left outside the prefix
+    assert common_prefix_length([[1, 2, 3], [1, 2, 3]]) == 2
+    assert common_prefix_length([[7], [7, 8]]) == 0
+    assert common_prefix_length([]) == 0
+
+
+def test_disk_cache_round_trip(tiny_lm, prompts, monkeypatch):
+    ids, label_ids = prompts
+    first = cached_extract(tiny_lm, ids, label_ids, progress=False)
+    monkeypatch.setattr(features, "extract", lambda *a, **k: pytest.fail("the cache should have answered"))
+    second = cached_extract(tiny_lm, ids, label_ids, progress=False)
+    np.testing.assert_array_equal(first.Z, second.Z)
+    np.testing.assert_array_equal(first.L, second.L)
+    # another prompt or other label tokens are other keys
+    assert features.feature_key(tiny_lm, ids[:-1], label_ids) != features.feature_key(tiny_lm, ids, label_ids)
+    assert features.feature_key(tiny_lm, ids, label_ids[::-1]) != features.feature_key(tiny_lm, ids, label_ids)
+    assert not list(features.feature_cache_path().glob(".tmp-*"))
