@@ -9,21 +9,48 @@ from __future__ import annotations
 import argparse
 import inspect
 import json
+import math
 import os
 import re
 import sys
-import tempfile
 import warnings
 from pathlib import Path
 
 from lmtune.errors import LmtuneError
 
 
-def _param_help(obj, name: str) -> str:
-    """The description of parameter ``name`` in ``obj``'s numpydoc docstring ("" when absent)."""
+def _param_help(obj, name: str, default: str = "") -> str:
+    """The description of parameter ``name`` in ``obj``'s numpydoc docstring (``default`` when absent)."""
     doc = inspect.getdoc(obj) or ""
     m = re.search(rf"^(?:[\w, ]*\b){re.escape(name)}\b[\w, ]* :.*\n((?:    .*\n?)+)", doc, re.M)
-    return " ".join(line.strip() for line in m.group(1).splitlines()) if m else ""
+    text = " ".join(line.strip() for line in m.group(1).splitlines()) if m else default
+    # argparse %-formats help strings, and reST literals read badly in a terminal.
+    return text.replace("``", "").replace("%", "%%")
+
+
+def _summary(obj) -> str:
+    """The first line of ``obj``'s docstring, as plain text."""
+    doc = inspect.getdoc(obj) or ""
+    return doc.splitlines()[0].replace("``", "") if doc else ""
+
+
+def _number(kind, low):
+    """An argparse type: a finite ``kind`` (int or float) no smaller than ``low``.
+
+    Checked while parsing, so a nonsensical value is a usage error naming the option, not a failure deep
+    in the library (``range()`` with step 0 for ``--batch-size 0``).
+    """
+    def convert(text: str):
+        try:
+            v = kind(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"expected {'an integer' if kind is int else 'a number'}, "
+                                             f"got {text!r}") from None
+        if not math.isfinite(v) or v < low:
+            raise argparse.ArgumentTypeError(f"expected a number >= {low}, got {text!r}")
+        return v
+    convert.__name__ = kind.__name__  # what argparse calls the type in its messages
+    return convert
 
 
 def _task_args(p: argparse.ArgumentParser, required: bool) -> None:
@@ -37,12 +64,14 @@ def _task_args(p: argparse.ArgumentParser, required: bool) -> None:
     g.add_argument("--max-length", type=int, default=512, help=_param_help(T, "max_length"))
 
 
-def _run_args(p: argparse.ArgumentParser) -> None:
+def _run_args(p: argparse.ArgumentParser,
+              json_help: str = "Print one JSON object on stdout (no progress bars).") -> None:
     from lmtune.methods.base import LabelTokenClassifier as B
 
-    p.add_argument("--batch-size", type=int, default=16, help=_param_help(B, "batch_size"))
+    p.add_argument("--batch-size", type=_number(int, 1), default=16,
+                   help=_param_help(B, "batch_size", "Prompts per forward pass."))
     p.add_argument("--no-cache", action="store_true", help="Do not read or write the on-disk feature cache.")
-    p.add_argument("--json", action="store_true", help="Print one JSON object on stdout (no progress bars).")
+    p.add_argument("--json", action="store_true", help=json_help)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -54,7 +83,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--version", action="version", version=__import__("lmtune").__version__)
     sub = parser.add_subparsers(dest="command", required=True)
 
-    methods_help = "; ".join(f"{name}: {(inspect.getdoc(cls) or '').splitlines()[0]}" for name, cls in METHODS.items())
+    methods_help = "; ".join(f"{name}: {_summary(cls)}" for name, cls in METHODS.items()).replace("%", "%%")
     p = sub.add_parser("fit", help="Fit a method on labeled data and save a run folder.",
                        description=f"Methods: {methods_help}")
     p.add_argument("--method", required=True, choices=sorted(METHODS))
@@ -63,7 +92,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", required=True, help="Run folder to write (replaced atomically if it is a run).")
     _task_args(p, required=True)
     g = p.add_argument_group("closed-form")
-    g.add_argument("--lam", type=float, default=None, help=_param_help(CF, "lam"))
+    g.add_argument("--lam", type=_number(float, 0.0), default=None, help=_param_help(CF, "lam"))
     g.add_argument("--criterion", choices=["gcv", "loo"], default="gcv", help=_param_help(CF, "criterion"))
     g.add_argument("--smoothing", type=float, default=0.1, help=_param_help(CF, "smoothing"))
     g.add_argument("--no-intercept", action="store_true", help="Do not fit the per-label bias.")
@@ -77,11 +106,12 @@ def build_parser() -> argparse.ArgumentParser:
         p.add_argument("--zero-shot", action="store_true", help="Use the base model (needs --template, --label-words).")
         p.add_argument("--model", default=None, help="Base model (default: the run's, or smollm2-135m).")
         _task_args(p, required=False)
-        _run_args(p)
         if name == "eval":
-            p.add_argument("--bins", type=int, default=15, help="ECE bins (equal width).")
-            p.add_argument("--examples", type=int, default=5, help="Flip examples shown per kind.")
+            _run_args(p)
+            p.add_argument("--bins", type=_number(int, 1), default=15, help="ECE bins (equal width).")
+            p.add_argument("--examples", type=_number(int, 0), default=5, help="Flip examples shown per kind.")
         else:
+            _run_args(p, json_help="No progress bars (the output is JSON lines either way).")
             p.add_argument("--out", default=None, help="Write the JSON lines to this file (atomically) instead of stdout.")
 
     p = sub.add_parser("demo", help="Zero-shot vs closed-form on the built-in reviews dataset.")
@@ -113,12 +143,17 @@ def _estimator_for(args):
 
     if args.zero_shot == bool(args.run):
         raise LmtuneError("give either a run folder or --zero-shot (with --template and --label-words)")
+    if args.run and (args.template or args.label_words):
+        # Ignoring them would evaluate a task other than the one the user just typed.
+        raise LmtuneError("--template and --label-words go with --zero-shot; a run folder keeps the task it was "
+                          "fitted with")
     if args.zero_shot:
         return ZeroShotClassifier(args.model or DEFAULT_MODEL, _task_from(args), **_common(args)).fit()
     return load_run(args.run, model=args.model, **_common(args))
 
 
 def cmd_fit(args) -> int:
+    from lmtune.data import open_data
     from lmtune.methods import METHODS
     from lmtune.methods.closed_form import ClosedFormClassifier
 
@@ -126,7 +161,11 @@ def cmd_fit(args) -> int:
     if METHODS[args.method] is ClosedFormClassifier:
         kwargs.update(lam=args.lam, criterion=args.criterion, smoothing=args.smoothing,
                       fit_intercept=not args.no_intercept)
-    est = METHODS[args.method](args.model, _task_from(args), **kwargs).fit(args.train)
+    task = _task_from(args)
+    # Read the file here, not inside fit: a method that learns nothing from it (zero-shot) would
+    # otherwise accept a malformed --train without a word.
+    data = open_data(args.train)
+    est = METHODS[args.method](args.model, task, **kwargs).fit(data)
     path = est.save(args.out)
     card = json.loads((Path(path) / "card.json").read_text())
     if args.json:
@@ -144,33 +183,27 @@ def cmd_fit(args) -> int:
 
 
 def cmd_eval(args) -> int:
+    from lmtune.data import open_data
     from lmtune.evaluate import evaluate
     from lmtune.report import metrics_text
 
-    ev = evaluate(_estimator_for(args), args.data, n_bins=args.bins, n_examples=args.examples)
+    data = open_data(args.data)  # before the model loads: a malformed file fails in a moment, not a minute
+    ev = evaluate(_estimator_for(args), data, n_bins=args.bins, n_examples=args.examples)
     print(json.dumps(ev) if args.json else metrics_text(ev))
     return 0
 
 
 def cmd_predict(args) -> int:
+    from lmtune.data import open_data, write_jsonl
     from lmtune.evaluate import predict_records
 
-    rows = predict_records(_estimator_for(args), args.data)
+    data = open_data(args.data)  # before the model loads, as in cmd_eval
+    rows = predict_records(_estimator_for(args), data)
     if args.out is None:
         for row in rows:
             print(json.dumps(row, ensure_ascii=False))
-        return 0
-    out = Path(args.out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{out.name}.tmp-", dir=out.parent)
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8") as f:
-            for row in rows:
-                f.write(json.dumps(row, ensure_ascii=False) + "\n")
-        os.replace(tmp, out)
-    finally:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
+    else:
+        write_jsonl(args.out, rows)
     return 0
 
 
@@ -196,7 +229,7 @@ def cmd_methods(args) -> int:
     from lmtune.methods import METHODS
 
     for name, cls in METHODS.items():
-        print(f"{name:14s} {(inspect.getdoc(cls) or '').splitlines()[0]}")
+        print(f"{name:14s} {_summary(cls)}")
     return 0
 
 
@@ -213,6 +246,19 @@ def main(argv: list[str] | None = None) -> int:
     try:
         return COMMANDS[args.command](args)
     except LmtuneError as e:
+        print(f"lmtune: error: {e}", file=sys.stderr)
+        return 2
+    except BrokenPipeError:
+        # The reader of stdout went away (``lmtune predict ... | head``): nothing to report. Point stdout at
+        # devnull so the interpreter's final flush does not fail again.
+        try:
+            os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        except (OSError, ValueError):  # stdout is not a file descriptor (an embedding host's stream)
+            pass
+        return 1
+    except OSError as e:
+        # The file system refused (permission denied, disk full, a folder where a file belongs): the
+        # user's to fix, so one line, not a traceback.
         print(f"lmtune: error: {e}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:

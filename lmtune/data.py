@@ -1,4 +1,4 @@
-"""Read and validate labeled records (JSONL, CSV, TSV) and fill prompt templates.
+"""Read and validate labeled records (JSONL, CSV, TSV), fill prompt templates, write JSON lines.
 
 Every record keeps the file and line it came from, so a problem found later (a missing field, an unknown
 label) is reported where the user can fix it. Nothing here knows about models or tokens: see
@@ -9,12 +9,14 @@ from __future__ import annotations
 
 import csv
 import hashlib
+import io
 import json
+import os
 import string
 from dataclasses import dataclass, field
 from importlib import resources
 from pathlib import Path
-from typing import Iterable, Iterator
+from typing import Iterable, Iterator, Mapping
 
 from lmtune.errors import DataError, LmtuneError
 
@@ -49,10 +51,12 @@ class Dataset:
 
     @classmethod
     def from_records(cls, records: Iterable[dict], name: str = "<memory>") -> "Dataset":
-        recs = [dict(r) for r in records]
-        for i, r in enumerate(recs):
-            if not isinstance(r, dict):
+        recs = []
+        for i, r in enumerate(records):
+            # Check before copying: dict() of a string or a list of pairs would fail, or succeed, obscurely.
+            if not isinstance(r, Mapping):
                 raise DataError(f"expected a mapping of field names to values, got {type(r).__name__}", name, i + 1)
+            recs.append(dict(r))
         if not recs:
             raise DataError("no records", name)
         return cls(recs, list(range(1, len(recs) + 1)), name)
@@ -79,17 +83,19 @@ def read_records(path: str | Path) -> Dataset:
     Raises
     ------
     DataError
-        The file is missing or empty, a line is not a JSON object, or a CSV row has the wrong number of
-        columns; the message names the file and line.
+        The file is missing, empty or not UTF-8, a line is not a JSON object, or a CSV row is malformed
+        or has the wrong number of columns; the message names the file and line.
     """
     p = Path(path)
-    if not p.is_file():
+    if not p.exists():
         raise DataError("file not found", str(p))
+    if not p.is_file():
+        raise DataError("not a file", str(p))
     suffix = p.suffix.lower()
     if suffix in {".jsonl", ".ndjson", ".json"}:
-        ds = _read_jsonl(p)
+        ds = _read_jsonl(p, _read_text(p))
     elif suffix in {".csv", ".tsv"}:
-        ds = _read_csv(p, "\t" if suffix == ".tsv" else ",")
+        ds = _read_csv(p, _read_text(p), "\t" if suffix == ".tsv" else ",")
     else:
         raise DataError(f"unknown file type {suffix!r}: expected .jsonl, .csv or .tsv", str(p))
     if not ds.records:
@@ -97,9 +103,26 @@ def read_records(path: str | Path) -> Dataset:
     return ds
 
 
-def _read_jsonl(p: Path) -> Dataset:
+def _read_text(p: Path) -> str:
+    """The whole file as text: UTF-8, a leading byte-order mark dropped (spreadsheets write one)."""
+    try:
+        data = p.read_bytes()
+    except OSError as e:
+        raise DataError(f"cannot read the file ({e.strerror})", str(p)) from None
+    try:
+        return data.decode("utf-8-sig")
+    except UnicodeDecodeError as e:
+        # Decoding the whole file at once (not line by line) is what lets the error name its line.
+        line = data.count(b"\n", 0, e.start) + 1
+        raise DataError(f"not UTF-8 text (byte 0x{data[e.start]:02x}); save the file as UTF-8", str(p),
+                        line) from None
+
+
+def _read_jsonl(p: Path, text: str) -> Dataset:
     records, lines = [], []
-    with open(p, encoding="utf-8") as f:
+    # newline=None splits lines as a text-mode file does (\n, \r\n, \r) and, unlike str.splitlines,
+    # not at U+2028 or other separators that JSON strings may hold unescaped.
+    with io.StringIO(text, newline=None) as f:
         for n, raw in enumerate(f, start=1):
             if not raw.strip():
                 continue
@@ -115,28 +138,31 @@ def _read_jsonl(p: Path) -> Dataset:
     return Dataset(records, lines, str(p))
 
 
-def _read_csv(p: Path, delimiter: str) -> Dataset:
+def _read_csv(p: Path, text: str, delimiter: str) -> Dataset:
     records, lines = [], []
-    with open(p, encoding="utf-8", newline="") as f:
-        reader = csv.reader(f, delimiter=delimiter)
-        try:
-            header = next(reader)
-        except StopIteration:
-            return Dataset([], [], str(p))
-        header = [h.strip() for h in header]
-        if len(set(header)) != len(header) or any(not h for h in header):
-            raise DataError("the header row must name every column once", str(p), 1)
-        start = reader.line_num + 1
+    kind = "TSV" if delimiter == "\t" else "CSV"
+    # strict: a quote left open or text after a closing quote is an error, not a record silently
+    # swallowing the lines after it.
+    reader = csv.reader(io.StringIO(text, newline=""), delimiter=delimiter, strict=True)
+    header, start = None, 1
+    try:
         for row in reader:
             if not any(cell.strip() for cell in row):
                 start = reader.line_num + 1
                 continue
-            if len(row) != len(header):
+            if header is None:
+                header = [h.strip() for h in row]
+                if len(set(header)) != len(header) or any(not h for h in header):
+                    raise DataError("the header row must name every column once", str(p), start)
+            elif len(row) != len(header):
                 raise DataError(f"expected {len(header)} columns ({', '.join(header)}), found {len(row)}",
                                 str(p), start)
-            records.append(dict(zip(header, row)))
-            lines.append(start)
+            else:
+                records.append(dict(zip(header, row)))
+                lines.append(start)
             start = reader.line_num + 1
+    except csv.Error as e:
+        raise DataError(f"not valid {kind} ({e}) in the record that starts on this line", str(p), start) from None
     return Dataset(records, lines, str(p))
 
 
@@ -160,8 +186,40 @@ def open_data(spec: str | Path) -> Dataset:
     s = str(spec)
     if s.startswith("builtin:"):
         parts = s.split(":")
+        if len(parts) > 3:
+            raise LmtuneError(f"{s!r}: expected builtin:NAME or builtin:NAME:SPLIT")
         return load_builtin(parts[1], parts[2] if len(parts) > 2 else None)
     return read_records(s)
+
+
+def write_jsonl(path: str | Path, rows: Iterable[dict]) -> Path:
+    """Write one JSON object a line to ``path``, atomically.
+
+    The lines go to a temporary file beside ``path`` that is renamed over it only once every row is
+    written, so a failure part-way (bad data found while ``rows`` is consumed, a full disk) leaves an
+    existing ``path`` as it was and no partial file behind.
+
+    Raises
+    ------
+    LmtuneError
+        ``path`` is a folder.
+    """
+    out = Path(path)
+    if out.is_dir():
+        raise LmtuneError(f"{out} is a folder: give a file name to write to")
+    out.parent.mkdir(parents=True, exist_ok=True)
+    # Not tempfile.mkstemp: its files are private (0600), and the result should get the permissions any
+    # new file of the user's gets (their umask).
+    tmp = out.with_name(f".{out.name}.tmp-{os.getpid()}-{os.urandom(4).hex()}")
+    try:
+        with open(tmp, "x", encoding="utf-8") as f:
+            for row in rows:
+                f.write(json.dumps(row, ensure_ascii=False) + "\n")
+        os.replace(tmp, out)
+    finally:
+        if tmp.exists():
+            tmp.unlink()
+    return out
 
 
 @dataclass(frozen=True)

@@ -27,9 +27,10 @@ METRIC_COLUMNS = [("method", "method"), ("accuracy", "accuracy"), ("macro_f1", "
 def metrics_text(ev: dict) -> str:
     """One evaluation as text: headline metrics, per-class scores and the confusion matrix."""
     m = ev["metrics"]
-    lines = [f"{ev['method']} on {ev['data']['path']} (n={ev['data']['n']}): accuracy {m['accuracy']:.4f}, "
-             f"macro-F1 {m['macro_f1']:.4f}, NLL {m['nll']:.4f}, Brier {m['brier']:.4f}, "
-             f"ECE({m['ece_bins']} bins) {m['ece']:.4f}"]
+    # _fmt, not :.4f: the report writes an undefined metric as None, which a float format rejects.
+    lines = [f"{ev['method']} on {ev['data']['path']} (n={ev['data']['n']}): accuracy {_fmt(m['accuracy'])}, "
+             f"macro-F1 {_fmt(m['macro_f1'])}, NLL {_fmt(m['nll'])}, Brier {_fmt(m['brier'])}, "
+             f"ECE({m['ece_bins']} bins) {_fmt(m['ece'])}"]
     rows = [{"label": lab, **v} for lab, v in m["per_class"].items()]
     lines.append(table(rows, [("label", "label"), ("precision", "precision"), ("recall", "recall"),
                               ("f1", "F1"), ("support", "support")]))

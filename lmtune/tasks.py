@@ -153,9 +153,11 @@ class ClassificationTask:
         index = {k: i for i, k in enumerate(self.label_words)}
         y = np.empty(len(data), dtype=np.int64)
         for i, rec in enumerate(data.records):
-            if self.label_field not in rec or rec[self.label_field] is None:
+            value = rec.get(self.label_field)
+            # An empty CSV cell is an absent label, as an empty field is for the template.
+            key = None if value is None else label_key(value)
+            if not key:
                 raise DataError(f"missing label (expected one of {self.labels})", *data.where(i), self.label_field)
-            key = label_key(rec[self.label_field])
             if key not in index:
                 raise DataError(f"unknown label {key!r}: expected one of {self.labels} (from --label-words)",
                                 *data.where(i), self.label_field)
