@@ -128,7 +128,9 @@ def _task_from(args):
 
     if not args.template or not args.label_words:
         raise LmtuneError("--template and --label-words are required here")
-    return ClassificationTask(args.template, args.label_words, label_field=args.label_field,
+    # A shell passes "...\n..." through as a backslash and an n: read \n and \t as the user meant them.
+    template = args.template.replace("\\n", "\n").replace("\\t", "\t")
+    return ClassificationTask(template, args.label_words, label_field=args.label_field,
                               chat=not args.no_chat, max_length=args.max_length)
 
 
@@ -156,12 +158,14 @@ def cmd_fit(args) -> int:
     from lmtune.data import open_data
     from lmtune.methods import METHODS
     from lmtune.methods.closed_form import ClosedFormClassifier
+    from lmtune.runs import check_run_destination
 
     kwargs = _common(args)
     if METHODS[args.method] is ClosedFormClassifier:
         kwargs.update(lam=args.lam, criterion=args.criterion, smoothing=args.smoothing,
                       fit_intercept=not args.no_intercept)
     task = _task_from(args)
+    check_run_destination(args.out)  # before minutes of fitting, not after
     # Read the file here, not inside fit: a method that learns nothing from it (zero-shot) would
     # otherwise accept a malformed --train without a word.
     data = open_data(args.train)
@@ -243,6 +247,10 @@ def _show_warning(message, category, filename, lineno, file=None, line=None):
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     warnings.showwarning = _show_warning
+    if getattr(args, "json", False):  # stdout is one JSON object; keep stderr quiet too
+        from transformers.utils import logging as hf_logging
+
+        hf_logging.disable_progress_bar()
     try:
         return COMMANDS[args.command](args)
     except LmtuneError as e:

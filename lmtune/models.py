@@ -219,7 +219,10 @@ def load_model(name_or_path: str = DEFAULT_MODEL, *, dtype: torch.dtype = torch.
     model.to(device).eval()
     if tokenizer.pad_token_id is None:
         tokenizer.pad_token = tokenizer.eos_token
-    lm = LM(model=model, tokenizer=tokenizer, name=str(name_or_path), fingerprint=fingerprint, source=source)
+    # A local path is recorded absolute, so a run card names the model wherever it is read from.
+    local = Path(str(name_or_path)).expanduser()
+    name = str(local.resolve()) if name_or_path not in BUILTIN_MODELS and local.exists() else str(name_or_path)
+    lm = LM(model=model, tokenizer=tokenizer, name=name, fingerprint=fingerprint, source=source)
     if reuse:
         _LOADED[key] = lm
     return lm

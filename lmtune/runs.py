@@ -21,21 +21,28 @@ from lmtune.errors import LmtuneError
 CARD = "card.json"
 
 
+def check_run_destination(path: str | Path) -> Path:
+    """``path`` can receive a run: it is absent, an empty folder, or a run folder (which is replaced)."""
+    dest = Path(path)
+    if dest.exists() and not (dest / CARD).is_file():
+        if not dest.is_dir() or any(dest.iterdir()):
+            raise LmtuneError(f"{dest} exists and is not an lmtune run folder; choose another --out")
+    return dest
+
+
 def write_run(path: str | Path, card: dict, write_files: Callable[[Path], None]) -> Path:
     """Create the run folder ``path`` with ``card`` and whatever ``write_files(folder)`` writes."""
     import lmtune
 
-    dest = Path(path)
+    dest = check_run_destination(path)
     dest.parent.mkdir(parents=True, exist_ok=True)
-    if dest.exists() and not (dest / CARD).is_file():
-        if not dest.is_dir() or any(dest.iterdir()):
-            raise LmtuneError(f"{dest} exists and is not an lmtune run folder; choose another --out")
     card = dict(card, lmtune_version=lmtune.__version__,
                 created=_dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"))
     tmp = Path(tempfile.mkdtemp(prefix=f".{dest.name}.tmp-", dir=dest.parent))
     try:
         write_files(tmp)
         (tmp / CARD).write_text(json.dumps(card, indent=2, ensure_ascii=False, allow_nan=False) + "\n")
+        _apply_umask(tmp)
         if dest.exists():
             old = dest.with_name(f".{dest.name}.old-{os.getpid()}")
             os.rename(dest, old)
@@ -46,6 +53,15 @@ def write_run(path: str | Path, card: dict, write_files: Callable[[Path], None])
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
     return dest
+
+
+def _apply_umask(folder: Path) -> None:
+    """mkdtemp makes folders private (0700); give the run the permissions any new folder would get."""
+    umask = os.umask(0)
+    os.umask(umask)
+    os.chmod(folder, 0o777 & ~umask)
+    for f in folder.rglob("*"):
+        os.chmod(f, (0o777 if f.is_dir() else 0o666) & ~umask)
 
 
 def read_card(path: str | Path) -> dict:

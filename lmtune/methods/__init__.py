@@ -38,4 +38,7 @@ def load_run(path, model=None, **kwargs):
     if card.get("model_fingerprint") and card["model_fingerprint"] != lm.fingerprint:
         warnings.warn(f"{path} was fitted on model {card['model']!r} (fingerprint {card['model_fingerprint']}); "
                       f"{lm.name!r} has fingerprint {lm.fingerprint}: predictions may be meaningless", stacklevel=2)
-    return METHODS[method].from_card(card, Path(path), lm, **kwargs)
+    try:
+        return METHODS[method].from_card(card, Path(path), lm, **kwargs)
+    except (OSError, KeyError, TypeError, ValueError) as e:  # a missing or damaged file, a hand-edited card
+        raise LmtuneError(f"{path}: damaged run folder ({type(e).__name__}: {e})") from None

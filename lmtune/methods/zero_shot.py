@@ -8,17 +8,20 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from lmtune.methods.base import LabelTokenClassifier
+from lmtune.methods.base import LabelTokenClassifier, as_dataset
 from lmtune.runs import write_run
 
 
 class ZeroShotClassifier(LabelTokenClassifier):
-    """The base model's label-token distribution; ``fit`` only records the task."""
+    """The base model's label-token distribution; ``fit`` learns nothing."""
 
     method = "zero-shot"
 
     def fit(self, data=None) -> "ZeroShotClassifier":
-        self._check_task()
+        """Record the task; when ``data`` is given, validate it as training data would be (fields, labels)."""
+        task = self._check_task()
+        if data is not None:
+            task.encode(self.lm.tokenizer, as_dataset(data), labeled=True)
         self.fitted_ = True
         return self
 
