@@ -16,6 +16,10 @@ Three things make extraction fast on a CPU:
   returned in the caller's order.
 * **An on-disk cache** keyed by the model fingerprint, the exact token ids and the label tokens, so a refit
   with another ``lambda`` or target smoothing never touches the model again.
+
+Memory stays O(batch) in N: with the cache on, ``Z`` and ``L`` are written straight into memory-mapped
+``.npy`` files as batches finish, and read back memory-mapped, so a fit streams them from disk
+(:mod:`lmtune.ridge` accumulates ``Z^T Z`` batch by batch).
 """
 
 from __future__ import annotations
@@ -23,6 +27,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import shutil
 import sys
 import tempfile
 from dataclasses import dataclass
@@ -30,12 +35,11 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from safetensors.numpy import load_file, save_file
 from tqdm.auto import tqdm
 
 from lmtune.models import LM, cache_dir
 
-FEATURE_VERSION = 1
+FEATURE_VERSION = 2
 MIN_SHARED_PREFIX = 4  # below this, a prefix cache costs more than it saves
 
 
@@ -98,7 +102,8 @@ def _batch_cache(backbone, kv, batch: int):
 
 @torch.inference_mode()
 def extract(lm: LM, input_ids: list[list[int]], label_token_ids: list[int], *, batch_size: int = 16,
-            share_prefix: bool = True, progress: bool | None = None, desc: str = "features") -> Features:
+            share_prefix: bool = True, progress: bool | None = None, desc: str = "features",
+            out: Features | None = None) -> Features:
     """Run the model over prompts and return their last-token hidden states and label logits.
 
     Parameters
@@ -113,6 +118,8 @@ def extract(lm: LM, input_ids: list[list[int]], label_token_ids: list[int], *, b
         Compute the dataset's common token prefix once (exact; see the module docstring).
     progress : bool or None
         Progress bar; ``None`` shows it only on a terminal.
+    out : Features, optional
+        Preallocated (N, d) and (N, K) arrays to write into (memory-mapped files, say).
 
     Returns
     -------
@@ -124,8 +131,9 @@ def extract(lm: LM, input_ids: list[list[int]], label_token_ids: list[int], *, b
     device = lm.device
     A_lab, bias = label_head(lm, label_token_ids)  # (K, d), (K,)
     N, d = len(input_ids), lm.hidden_size
-    Z = np.empty((N, d), dtype=np.float32)
-    L = np.empty((N, len(label_token_ids)), dtype=np.float32)
+    if out is None:
+        out = Features(np.empty((N, d), dtype=np.float32), np.empty((N, len(label_token_ids)), dtype=np.float32))
+    Z, L = out.Z, out.L
 
     P = common_prefix_length(input_ids) if share_prefix else 0
     kv = _prefix_cache(backbone, input_ids[0][:P], device) if P >= MIN_SHARED_PREFIX else None
@@ -158,7 +166,7 @@ def extract(lm: LM, input_ids: list[list[int]], label_token_ids: list[int], *, b
             Z[idx] = z.float().cpu().numpy()
             L[idx] = logits.float().cpu().numpy()
             bar.update(B)
-    return Features(Z, L)
+    return out
 
 
 def feature_key(lm: LM, input_ids: list[list[int]], label_token_ids: list[int]) -> str:
@@ -175,24 +183,34 @@ def feature_key(lm: LM, input_ids: list[list[int]], label_token_ids: list[int]) 
 
 def cached_extract(lm: LM, input_ids: list[list[int]], label_token_ids: list[int], *, cache: bool = True,
                    **kwargs) -> Features:
-    """:func:`extract` through the on-disk cache (``$LMTUNE_CACHE/features``)."""
+    """:func:`extract` through the on-disk cache (``$LMTUNE_CACHE/features/KEY/{Z,L}.npy``).
+
+    A cache entry is written into a temporary folder and renamed into place when complete, so an
+    interrupted extraction never leaves a partial entry; entries are read memory-mapped.
+    """
     if not cache:
         return extract(lm, input_ids, label_token_ids, **kwargs)
-    path = cache_dir() / "features" / f"{feature_key(lm, input_ids, label_token_ids)}.safetensors"
-    if path.is_file():
-        t = load_file(str(path))
-        return Features(t["Z"], t["L"])
-    feats = extract(lm, input_ids, label_token_ids, **kwargs)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=".tmp-", suffix=".safetensors", dir=path.parent)
-    os.close(fd)
+    folder = feature_cache_path() / feature_key(lm, input_ids, label_token_ids)
+    if (folder / "L.npy").is_file():
+        return Features(np.load(folder / "Z.npy", mmap_mode="r"), np.load(folder / "L.npy", mmap_mode="r"))
+    folder.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=".tmp-", dir=folder.parent))
     try:
-        save_file({"Z": feats.Z, "L": feats.L}, tmp)
-        os.replace(tmp, path)
+        N = len(input_ids)
+        out = Features(np.lib.format.open_memmap(tmp / "Z.npy", "w+", np.float32, (N, lm.hidden_size)),
+                       np.lib.format.open_memmap(tmp / "L.npy", "w+", np.float32, (N, len(label_token_ids))))
+        extract(lm, input_ids, label_token_ids, out=out, **kwargs)
+        out.Z.flush()
+        out.L.flush()
+        del out
+        try:
+            os.rename(tmp, folder)
+        except OSError:  # another process finished the same entry first
+            if not (folder / "L.npy").is_file():
+                raise
     finally:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-    return feats
+        shutil.rmtree(tmp, ignore_errors=True)
+    return Features(np.load(folder / "Z.npy", mmap_mode="r"), np.load(folder / "L.npy", mmap_mode="r"))
 
 
 def feature_cache_path() -> Path:

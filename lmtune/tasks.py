@@ -172,12 +172,14 @@ class ClassificationTask:
             return tokenizer(text, add_special_tokens=False)["input_ids"]
         return tokenizer(text, add_special_tokens=True)["input_ids"]
 
-    def encode(self, tokenizer, data: Dataset, labeled: bool = True) -> Encoded:
+    def encode(self, tokenizer, data: Dataset, labeled: bool = True, progress: bool = False) -> Encoded:
         """Validate every record up front, then tokenize the prompts (shortening over-long ones)."""
+        from tqdm.auto import tqdm
+
         values = [self._template.values(rec, data.where(i)) for i, rec in enumerate(data.records)]
         y = self.targets(data) if labeled else None
         ids, n_trunc = [], 0
-        for i, v in enumerate(values):
+        for i, v in enumerate(tqdm(values, desc="tokenize", unit="prompt", disable=not progress, leave=False)):
             toks = self.prompt(tokenizer, v)
             if len(toks) > self.max_length:
                 toks = self._shorten(tokenizer, v, len(toks), data.where(i))

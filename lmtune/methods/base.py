@@ -19,7 +19,7 @@ import numpy as np
 
 from lmtune.data import Dataset, open_data
 from lmtune.errors import LmtuneError
-from lmtune.features import Features, cached_extract
+from lmtune.features import Features, cached_extract, show_progress
 from lmtune.models import DEFAULT_MODEL, LM, as_lm
 from lmtune.tasks import ClassificationTask
 
@@ -89,7 +89,7 @@ class LabelTokenClassifier:
         task = self._check_task()
         tok = self.lm.tokenizer
         label_ids = task.label_token_ids(tok)
-        enc = task.encode(tok, ds, labeled=labeled)
+        enc = task.encode(tok, ds, labeled=labeled, progress=show_progress(self.progress) and len(ds) > 5000)
         t0 = time.perf_counter()
         feats = cached_extract(self.lm, enc.input_ids, label_ids, cache=self.cache, batch_size=self.batch_size,
                                progress=self.progress, desc=f"{self.method}: {ds.path}")

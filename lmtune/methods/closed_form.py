@@ -147,7 +147,11 @@ class ClosedFormClassifier(LabelTokenClassifier):
     def logits(self, feats: Features) -> np.ndarray:
         if not hasattr(self, "weight_"):
             raise LmtuneError("this ClosedFormClassifier is not fitted yet: call fit() first")
-        return feats.L.astype(np.float64) + feats.Z.astype(np.float64) @ self.weight_ + self.bias_
+        out = np.empty(feats.L.shape, dtype=np.float64)  # (N, K); Z may be memory-mapped: stream it
+        for s in range(0, len(out), STREAM_ROWS):
+            rows = slice(s, s + STREAM_ROWS)
+            out[rows] = feats.L[rows] + feats.Z[rows].astype(np.float64) @ self.weight_ + self.bias_
+        return out
 
     # -- persistence ----------------------------------------------------------------------------------
 
