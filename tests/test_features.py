@@ -65,6 +65,9 @@ def test_disk_cache_round_trip(tiny_lm, prompts, monkeypatch):
     first = cached_extract(tiny_lm, ids, label_ids, progress=False)
     monkeypatch.setattr(features, "extract", lambda *a, **k: pytest.fail("the cache should have answered"))
     second = cached_extract(tiny_lm, ids, label_ids, progress=False)
+    assert isinstance(second.Z, np.memmap), "cached features are read memory-mapped, not loaded whole"
+    direct = extract(tiny_lm, ids, label_ids, progress=False)
+    np.testing.assert_array_equal(first.Z, direct.Z)
     np.testing.assert_array_equal(first.Z, second.Z)
     np.testing.assert_array_equal(first.L, second.L)
     # another prompt or other label tokens are other keys
