@@ -10,6 +10,7 @@ import torch
 from scipy import linalg as scipy_linalg
 from sklearn.linear_model import Ridge
 
+from lmtune import ridge
 from lmtune.ridge import (
     GramStats,
     GridEdgeWarning,
@@ -474,3 +475,45 @@ def test_validation_errors_name_the_problem():
             n=3, ZtZ=np.eye(3), ZtY=np.zeros((4, 2)),
             z_sum=np.zeros(4), y_sum=np.zeros(2), y_sq=np.zeros(2),
         )
+
+
+@pytest.mark.parametrize("criterion", ["gcv", "loo"])
+@pytest.mark.parametrize("fit_intercept", [True, False])
+def test_dual_decomposition_matches_primal_when_n_below_d(criterion, fit_intercept):
+    """With N < d and the rows at hand, the N x N decomposition gives the primal's scores and solution."""
+    rng = np.random.default_rng(7)
+    Z = rng.normal(size=(30, 50)) + 0.5
+    Y = rng.normal(size=(30, 2))
+    st = ridge.GramStats.from_arrays(Z, Y)
+    primal = ridge._eigen(ridge._system(st, fit_intercept))
+    dual = ridge._decompose(ridge._system(st, fit_intercept), Z)
+    assert dual.V.shape[1] < primal.V.shape[1], "the dual path was not taken"
+    grid = ridge.lambda_grid(st, fit_intercept=fit_intercept)
+    if criterion == "gcv":
+        s_p, dof_p = ridge._gcv_scores(primal, grid)
+        s_d, dof_d = ridge._gcv_scores(dual, grid)
+    else:
+        s_p, dof_p = ridge._loo_scores(primal, Z, Y, grid, 7)
+        s_d, dof_d = ridge._loo_scores(dual, Z, Y, grid, 7)
+    # Near interpolation (dof -> N at tiny lambda) both forms divide rounding noise by (1 - dof/N)^2 ~ 0,
+    # so the comparison is made where the criterion is well posed.
+    posed = dof_p < 0.9 * len(Z)
+    assert posed.sum() >= 15
+    np.testing.assert_allclose(s_d[posed], s_p[posed], rtol=1e-7)
+    np.testing.assert_allclose(dof_d, dof_p, rtol=1e-7)
+    assert np.argmin(s_d) == np.argmin(s_p)
+    with_rows = ridge.fit(st, criterion=criterion, Z=Z, Y=Y if criterion == "loo" else None,
+                          fit_intercept=fit_intercept)
+    ref = ridge.solve(st, with_rows.lam, fit_intercept)
+    np.testing.assert_allclose(with_rows.W, ref.W, rtol=1e-6, atol=1e-10)
+    np.testing.assert_allclose(with_rows.b, ref.b, rtol=1e-6, atol=1e-10)
+    # null directions keep the condition number honest: (s_max + lam) / lam
+    assert with_rows.condition_number == pytest.approx((dual.s.max() + with_rows.lam) / with_rows.lam)
+
+
+def test_gcv_rows_must_match_stats():
+    rng = np.random.default_rng(0)
+    Z, Y = rng.normal(size=(10, 20)), rng.normal(size=(10, 2))
+    st = ridge.GramStats.from_arrays(Z, Y)
+    with pytest.raises(ValueError, match="shape"):
+        ridge.fit(st, Z=Z[:5])

@@ -137,8 +137,10 @@ class ClosedFormClassifier(LabelTokenClassifier):
         for s in range(0, len(Y), STREAM_ROWS):
             acc.update(feats.Z[s:s + STREAM_ROWS], Y[s:s + STREAM_ROWS])
         loo = self.lam is None and self.criterion == "loo"
+        # rows are passed for exact LOO, and whenever N < d (the N x N decomposition is cheaper)
+        rows = loo or (self.lam is None and len(Y) < feats.Z.shape[1])
         sol = ridge.fit(acc.stats(), lam=self.lam, criterion=self.criterion, fit_intercept=self.fit_intercept,
-                        Z=feats.Z if loo else None, Y=Y if loo else None)
+                        Z=feats.Z if rows else None, Y=Y if loo else None)
         self.solve_seconds_ = time.perf_counter() - t0
         self.weight_, self.bias_, self.lam_, self.solution_ = sol.W, sol.b, float(sol.lam), sol
         self.train_metrics_ = classification_report(y, softmax(self.logits(feats)), task.labels)
