@@ -1,0 +1,107 @@
+"""Shared helpers for the benchmark scripts: environment record, timing, JSON output.
+
+Every benchmark prints exactly one JSON object on stdout; everything else goes to stderr.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import platform
+import statistics
+import sys
+import time
+from datetime import datetime, timezone
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parent.parent
+
+
+def log(*args) -> None:
+    print(*args, file=sys.stderr, flush=True)
+
+
+def cpu_model() -> str:
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or "unknown"
+
+
+def loadavg() -> list[float] | None:
+    try:
+        return [round(v, 2) for v in os.getloadavg()]
+    except OSError:
+        return None
+
+
+def lmtune_revision() -> dict:
+    """The git commit of the checkout and whether lmtune/ has uncommitted changes (read-only git calls)."""
+    import subprocess
+
+    def git(*args):
+        try:
+            return subprocess.run(["git", *args], cwd=REPO, capture_output=True, text=True, timeout=10).stdout.strip()
+        except (OSError, subprocess.SubprocessError):
+            return None
+
+    commit = git("rev-parse", "--short", "HEAD")
+    dirty = git("status", "--porcelain", "--", "lmtune")
+    return {"lmtune_commit": commit or None, "lmtune_dirty": None if dirty is None else bool(dirty)}
+
+
+def environment() -> dict:
+    """What the numbers depend on: threads, library versions, CPU, load at start."""
+    import torch
+    import transformers
+
+    return {
+        "date": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+        "cpu_model": cpu_model(),
+        "cpu_count": os.cpu_count(),
+        "torch_num_threads": torch.get_num_threads(),
+        "torch_version": torch.__version__,
+        "transformers_version": transformers.__version__,
+        "python_version": platform.python_version(),
+        "cuda_available": bool(torch.cuda.is_available()),
+        "lmtune_cache": os.environ.get("LMTUNE_CACHE") or None,
+        "loadavg_start": loadavg(),
+        **lmtune_revision(),
+    }
+
+
+def wait_for_idle(max_wait_s: float, threshold: float = 0.5) -> dict:
+    """Wait (at most ``max_wait_s``) for the 1-minute load average to fall below ``threshold``."""
+    t0 = time.perf_counter()
+    la = loadavg()
+    while max_wait_s > 0 and la is not None and la[0] >= threshold and time.perf_counter() - t0 < max_wait_s:
+        time.sleep(5)
+        la = loadavg()
+    return {"waited_s": round(time.perf_counter() - t0, 1), "loadavg_after_wait": la}
+
+
+def median(xs):
+    return float(statistics.median(xs)) if xs else None
+
+
+def emit(result: dict) -> None:
+    result.setdefault("environment", {})["loadavg_end"] = loadavg()
+    json.dump(result, sys.stdout, indent=2, default=_default)
+    sys.stdout.write("\n")
+    sys.stdout.flush()
+
+
+def _default(o):
+    try:
+        import numpy as np
+
+        if isinstance(o, np.generic):
+            return o.item()
+        if isinstance(o, np.ndarray):
+            return o.tolist()
+    except ImportError:
+        pass
+    return str(o)
