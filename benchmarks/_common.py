@@ -83,6 +83,20 @@ def wait_for_idle(max_wait_s: float, threshold: float = 0.5) -> dict:
     return {"waited_s": round(time.perf_counter() - t0, 1), "loadavg_after_wait": la}
 
 
+def add_wait_idle(ap) -> None:
+    """The ``--wait-idle`` option every benchmark takes."""
+    ap.add_argument("--wait-idle", type=float, default=0.0,
+                    help="wait up to this many seconds for the 1-min load average to fall below 0.5")
+
+
+def start(args) -> dict:
+    """Wait for an idle machine as ``--wait-idle`` asks, then record the environment."""
+    idle = wait_for_idle(args.wait_idle)
+    env = environment()
+    env.update(idle)
+    return env
+
+
 def median(xs):
     return float(statistics.median(xs)) if xs else None
 

@@ -33,7 +33,7 @@ import warnings
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _common import emit, environment, log, median, wait_for_idle  # noqa: E402
+from _common import add_wait_idle, emit, log, median, start  # noqa: E402
 
 GOAL_SOLVE_MS = 50.0
 TARGET_MARGIN = 0.01
@@ -124,8 +124,7 @@ def main() -> None:
     ap.add_argument("--repeats", type=int, default=None, help="timed fits per variant (default 20, quick 5)")
     ap.add_argument("--max-epochs", type=int, default=None, help="AdamW epoch budget per config (default 2000)")
     ap.add_argument("--max-seconds", type=float, default=None, help="AdamW time budget per config (default 60)")
-    ap.add_argument("--wait-idle", type=float, default=0.0,
-                    help="wait up to this many seconds for the 1-min load average to fall below 0.5")
+    add_wait_idle(ap)
     args = ap.parse_args()
 
     import numpy as np
@@ -137,9 +136,7 @@ def main() -> None:
     from lmtune.features import cached_extract, extract, feature_cache_path, feature_key
     from lmtune.methods import ClosedFormClassifier
 
-    idle = wait_for_idle(args.wait_idle)
-    env = environment()
-    env.update(idle)
+    env = start(args)
     repeats = args.repeats or (5 if args.quick else 20)
     max_epochs = args.max_epochs or (200 if args.quick else 2000)
     max_seconds = args.max_seconds or (10.0 if args.quick else 60.0)

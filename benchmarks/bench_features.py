@@ -29,7 +29,7 @@ import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _common import emit, environment, log, median, wait_for_idle  # noqa: E402
+from _common import add_wait_idle, emit, log, median, start  # noqa: E402
 
 GOAL_RATIO = 1.5
 AGREE_TOL = 1e-3
@@ -61,8 +61,7 @@ def main() -> None:
     ap.add_argument("--repeats", type=int, default=None, help="timed passes per path (default 3, quick 1)")
     ap.add_argument("--batch-size", type=int, default=16)
     ap.add_argument("--n", type=int, default=None, help="number of test prompts (default all 200, quick 48)")
-    ap.add_argument("--wait-idle", type=float, default=0.0,
-                    help="wait up to this many seconds for the 1-min load average to fall below 0.5")
+    add_wait_idle(ap)
     args = ap.parse_args()
 
     import numpy as np
@@ -73,9 +72,7 @@ def main() -> None:
     from lmtune.demo import DEMO_TEST, demo_task
     from lmtune.features import common_prefix_length, extract
 
-    idle = wait_for_idle(args.wait_idle)
-    env = environment()
-    env.update(idle)
+    env = start(args)
     repeats = args.repeats or (1 if args.quick else 3)
     n = args.n or (48 if args.quick else None)
     bs = args.batch_size

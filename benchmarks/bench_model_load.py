@@ -31,7 +31,7 @@ import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _common import emit, environment, log, median, wait_for_idle  # noqa: E402
+from _common import add_wait_idle, emit, log, median, start  # noqa: E402
 
 MODEL = "smollm2-135m"
 PROMPT = "Review: The soup was cold and the waiter ignored us.\nIs this review positive? Answer yes or no."
@@ -106,8 +106,7 @@ def main() -> None:
     ap.add_argument("--quick", action="store_true", help="short smoke run: 2 warm loads, 1 GGUF load")
     ap.add_argument("--warm-repeats", type=int, default=None, help="timed warm loads (default 3, quick 2)")
     ap.add_argument("--gguf-repeats", type=int, default=None, help="timed GGUF loads (default 2, quick 1)")
-    ap.add_argument("--wait-idle", type=float, default=0.0,
-                    help="wait up to this many seconds for the 1-min load average to fall below 0.5")
+    add_wait_idle(ap)
     ap.add_argument("--child", choices=["warm", "gguf"], help=argparse.SUPPRESS)
     ap.add_argument("--logits-out", help=argparse.SUPPRESS)
     args = ap.parse_args()
@@ -121,9 +120,7 @@ def main() -> None:
 
     warm_n = args.warm_repeats or (2 if args.quick else 3)
     gguf_n = args.gguf_repeats or (1 if args.quick else 2)
-    idle = wait_for_idle(args.wait_idle)
-    env = environment()
-    env.update(idle)
+    env = start(args)
 
     gguf = builtin_gguf_path(MODEL)
     fp = gguf_fingerprint(gguf)
