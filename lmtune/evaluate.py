@@ -36,14 +36,15 @@ def evaluate(estimator, data, *, n_bins: int = 15, n_examples: int = 5) -> dict:
         the keys are always present in this order.
     """
     ds = as_dataset(data)
-    feats, y, ds = estimator.features(ds, labeled=True)
+    is_base = estimator.method == "zero-shot"
+    logits, base_logits, y, ds = estimator.label_logits(ds, labeled=True, base=not is_base)
     task = estimator.task
-    probs = softmax(estimator.logits(feats))
+    probs = softmax(logits)
     out = {"method": estimator.method, "model": estimator.lm.name,
            "data": {"path": ds.path, "n": len(ds), "sha256": ds.content_hash()},
            "metrics": classification_report(y, probs, task.labels, n_bins=n_bins)}
-    if estimator.method != "zero-shot":
-        base = softmax(feats.L)
+    if not is_base:
+        base = softmax(base_logits)
         out["zero_shot"] = classification_report(y, base, task.labels, n_bins=n_bins)
         out["flips"] = flip_analysis(task, ds, y, base, probs, n_examples)
     return to_jsonable(out)
@@ -67,8 +68,8 @@ def flip_analysis(task, ds, y: np.ndarray, base_probs: np.ndarray, probs: np.nda
 def predict_records(estimator, data) -> Iterator[dict]:
     """One JSON-able dict per record, in input order: its line, ``id`` when present, the predicted label
     and every label's probability."""
-    feats, _, ds = estimator.features(data, labeled=False)
-    probs = softmax(estimator.logits(feats))
+    logits, _, _, ds = estimator.label_logits(data)
+    probs = softmax(logits)
     labels = estimator.task.labels
     for i, p in enumerate(probs):
         row = {"line": ds.lines[i]}

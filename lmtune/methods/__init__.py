@@ -3,12 +3,19 @@
 ``METHODS`` lists only finished methods; the CLI offers exactly these.
 """
 
+from lmtune.methods.adapters import AdapterClassifier
 from lmtune.methods.closed_form import ClosedFormClassifier
+from lmtune.methods.peft_methods import AdaLoraClassifier, LoraClassifier, PromptTuningClassifier
+from lmtune.methods.selective import FullClassifier, LastLayersClassifier, NormTuningClassifier
 from lmtune.methods.zero_shot import ZeroShotClassifier
 
-METHODS = {cls.method: cls for cls in (ZeroShotClassifier, ClosedFormClassifier)}
+METHODS = {cls.method: cls for cls in (
+    ZeroShotClassifier, ClosedFormClassifier, LoraClassifier, AdaLoraClassifier, PromptTuningClassifier,
+    AdapterClassifier, LastLayersClassifier, NormTuningClassifier, FullClassifier)}
 
-__all__ = ["METHODS", "ClosedFormClassifier", "ZeroShotClassifier", "load_run"]
+__all__ = ["METHODS", "AdaLoraClassifier", "AdapterClassifier", "ClosedFormClassifier", "FullClassifier",
+           "LastLayersClassifier", "LoraClassifier", "NormTuningClassifier", "PromptTuningClassifier",
+           "ZeroShotClassifier", "load_run"]
 
 
 def load_run(path, model=None, **kwargs):

@@ -100,9 +100,14 @@ class LabelTokenClassifier:
         """Adapted label logits (N, K) from features; the zero-shot logits unless a method overrides."""
         return feats.L.astype(np.float64)
 
+    def label_logits(self, data, labeled: bool = False, base: bool = False):
+        """Adapted (N, K) label logits, the base model's (when ``base``), the class indices (when
+        ``labeled``) and the dataset; one feature pass serves both logits."""
+        feats, y, ds = self.features(data, labeled=labeled)
+        return self.logits(feats), (np.asarray(feats.L, dtype=np.float64) if base else None), y, ds
+
     def predict_proba(self, data) -> np.ndarray:
-        feats, _, _ = self.features(data)
-        return softmax(self.logits(feats))
+        return softmax(self.label_logits(data)[0])
 
     def predict(self, data) -> np.ndarray:
         return self.predict_proba(data).argmax(axis=1)

@@ -1,0 +1,357 @@
+"""LoRA and its family, and prompt tuning, through HF PEFT (seeds 001, 002, 003, 004).
+
+PEFT does these well and its file format is what the ecosystem loads, so lmtune uses it for the adapter
+modules, their initialisation (PiSSA's SVD, DoRA's magnitude split, AdaLoRA's SVD-form factors and rank
+allocator) and their saving; lmtune supplies the objective, the training loop and the evaluation.
+
+A run folder of these methods *is* a PEFT adapter folder (``adapter_config.json`` +
+``adapter_model.safetensors``), beside lmtune's ``card.json``; so ``PeftModel.from_pretrained(base, run)``
+loads it, and ``merge`` folds it into the base weights.
+
+Departures from PEFT's defaults, and why:
+
+* **PiSSA** initialises ``B A`` from the top singular triplets of ``W`` and *changes the base weight* to
+  the residual ``W - B A``. Saved as-is, such an adapter would need that altered base. lmtune saves it the
+  way PEFT recommends for sharing: converted to an ordinary LoRA of rank ``2r`` against the original
+  ``W`` (``path_initial_model_for_weight_conversion``), and restores the original ``W`` in memory, so the
+  shared base model is unchanged.
+* **AdaLoRA** needs two things PEFT leaves to a training loop: its rank allocator called after every
+  optimizer step (``update_and_allocate``, before the gradients are cleared) and its orthogonality penalty
+  added to the loss (PEFT adds it only inside its own ``forward`` with ``labels``). lmtune does both; the
+  schedule (``tinit``, ``tfinal``, ``total_step``) comes from the real number of optimizer steps.
+* **Prompt tuning** is initialised from the embeddings of a text (tiled to the number of virtual tokens)
+  by lmtune, since PEFT's text initialisation loads a tokenizer by hub name.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import math
+import shutil
+import tempfile
+import weakref
+from pathlib import Path
+from typing import ClassVar
+
+import torch
+
+from lmtune.errors import LmtuneError
+from lmtune.methods.tuned import TunedClassifier, backbone_of, n_layers
+from lmtune.models import DEFAULT_MODEL, LM
+
+ADAPTER_FILES = ("adapter_config.json", "adapter_model.safetensors")
+
+
+def parse_layers(spec, total: int) -> list[int] | None:
+    """``None`` (all), ``n`` (the top n layers), ``"a-b"`` (inclusive range) or ``"i,j,k"``."""
+    if spec is None or spec == "" or spec == "all":
+        return None
+    if isinstance(spec, int) or (isinstance(spec, str) and spec.isdigit()):
+        n = int(spec)
+        if not 1 <= n <= total:
+            raise LmtuneError(f"layers: the model has {total} layers; cannot take the top {n}")
+        return list(range(total - n, total))
+    if isinstance(spec, (list, tuple)):
+        out = [int(i) for i in spec]
+    elif "-" in str(spec):
+        a, b = (int(x) for x in str(spec).split("-", 1))
+        out = list(range(a, b + 1))
+    else:
+        out = [int(x) for x in str(spec).split(",")]
+    bad = [i for i in out if not 0 <= i < total]
+    if bad or not out:
+        raise LmtuneError(f"layers: {spec!r} names layers outside 0..{total - 1}")
+    return sorted(set(out))
+
+
+def _private_dir(owner) -> Path:
+    d = Path(tempfile.mkdtemp(prefix="lmtune-adapter-"))
+    weakref.finalize(owner, shutil.rmtree, str(d), True)
+    return d
+
+
+class PeftClassifier(TunedClassifier):
+    """Base of the PEFT-backed methods: the learned state is a saved PEFT adapter folder."""
+
+    def _peft_config(self, lm: LM, n_steps: int):
+        raise NotImplementedError
+
+    def _init_state(self, lm: LM) -> None:
+        self.adapter_dir_ = None
+
+    def _n_steps(self) -> int:
+        n = getattr(self, "_n_train", 0)
+        per_epoch = math.ceil(n / self.batch_size) if n else 1
+        total = per_epoch * self.epochs
+        return min(total, self.max_steps) if self.max_steps else total
+
+    def fit(self, data, val=None):
+        from lmtune.methods.base import as_dataset
+
+        ds = as_dataset(data)
+        self._n_train = len(ds)
+        return super().fit(ds, val=val)
+
+    def _prepare(self, pm, lm: LM) -> None:
+        """Hook after a fresh adapter is created (initialisations PEFT does not do)."""
+
+    @contextlib.contextmanager
+    def _attach(self, lm: LM, train: bool):
+        from peft import PeftModel, get_peft_model
+
+        flags = {n: p.requires_grad for n, p in lm.model.named_parameters()}
+        backup = None
+        if train:
+            cfg = self._peft_config(lm, self._n_steps())
+            if str(getattr(cfg, "init_lora_weights", "")).startswith("pissa"):
+                backup = self._backup_targets(lm, cfg)
+            pm = get_peft_model(lm.model, cfg)
+            self._prepare(pm, lm)
+            if backup is not None:
+                self._init_dir = _private_dir(self)
+                pm.peft_config["default"].init_lora_weights = True  # reloading must not redo the SVD
+                pm.save_pretrained(self._init_dir)
+        else:
+            self._check_fitted()
+            pm = PeftModel.from_pretrained(lm.model, str(self.adapter_dir_), is_trainable=False)
+        self._pm = pm
+        try:
+            yield {n: p for n, p in pm.named_parameters() if p.requires_grad}
+        finally:
+            self._pm = None
+            self._detach(pm, lm)
+            if backup is not None:
+                with torch.no_grad():
+                    for name, w in backup.items():
+                        lm.model.get_parameter(name).copy_(w)
+            for n, p in lm.model.named_parameters():
+                p.requires_grad_(flags.get(n, p.requires_grad))
+
+    def _detach(self, pm, lm: LM) -> None:
+        pm.unload()
+
+    @staticmethod
+    def _backup_targets(lm: LM, cfg) -> dict[str, torch.Tensor]:
+        targets = cfg.target_modules
+        targets = {targets} if isinstance(targets, str) else set(targets)
+        out = {}
+        for name, mod in lm.model.named_modules():
+            if isinstance(mod, torch.nn.Linear) and name.rsplit(".", 1)[-1] in targets:
+                out[f"{name}.weight"] = mod.weight.detach().clone()
+        return out
+
+    def _after_training(self, lm: LM, params) -> None:
+        self.adapter_dir_ = _private_dir(self)
+        kwargs = {}
+        if getattr(self, "_init_dir", None) is not None:
+            kwargs["path_initial_model_for_weight_conversion"] = str(self._init_dir)
+        self._pm.save_pretrained(str(self.adapter_dir_), **kwargs)
+        self._fix_base_path(lm)
+
+    def _fix_base_path(self, lm: LM) -> None:
+        """Point ``base_model_name_or_path`` at the model lmtune loaded (a local folder here)."""
+        import json
+
+        p = Path(self.adapter_dir_) / "adapter_config.json"
+        cfg = json.loads(p.read_text())
+        cfg["base_model_name_or_path"] = lm.source
+        p.write_text(json.dumps(cfg, indent=2, sort_keys=True))
+
+    def _write_files(self, folder: Path) -> None:
+        for f in ADAPTER_FILES:
+            shutil.copyfile(Path(self.adapter_dir_) / f, folder / f)
+
+    def _load_files(self, folder: Path) -> None:
+        missing = [f for f in ADAPTER_FILES if not (folder / f).is_file()]
+        if missing:
+            raise LmtuneError(f"{folder}: {', '.join(missing)} missing: not a complete {self.method} run")
+        self.adapter_dir_ = _private_dir(self)
+        for f in ADAPTER_FILES:
+            shutil.copyfile(folder / f, Path(self.adapter_dir_) / f)
+
+
+class LoraClassifier(PeftClassifier):
+    """LoRA: trainable low-rank updates B A beside frozen weight matrices (PEFT), with PiSSA and DoRA options.
+
+    Parameters
+    ----------
+    rank : int
+        Rank r of each update B A.
+    alpha : float
+        Scaling numerator: the update is (alpha / r) B A.
+    dropout : float
+        Dropout on the LoRA branch's input.
+    target : str
+        Comma-separated module names to adapt (q_proj,v_proj), or all-linear.
+    layers : str or int or None
+        Layers to adapt: n (the top n), a-b, or i,j,k; None adapts all. With only top layers adapted, their
+        frozen inputs are computed once, not every epoch.
+    init : str
+        Initialisation: default (B = 0, A random), gaussian, or pissa (principal singular vectors of W).
+    dora : bool
+        Weight-decomposed LoRA: a trainable magnitude per output feature beside the direction update.
+    """
+
+    method = "lora"
+    default_lr = 1e-3
+    options = ("rank", "alpha", "dropout", "target", "layers", "init", "dora")
+
+    def __init__(self, model=DEFAULT_MODEL, task=None, *, rank: int = 8, alpha: float = 16, dropout: float = 0.05,
+                 target: str = "q_proj,v_proj", layers=None, init: str = "default", dora: bool = False, **kwargs):
+        super().__init__(model, task, **kwargs)
+        self.rank = rank
+        self.alpha = alpha
+        self.dropout = dropout
+        self.target = target
+        self.layers = layers
+        self.init = init
+        self.dora = dora
+
+    def _targets(self):
+        t = [x.strip() for x in str(self.target).split(",") if x.strip()]
+        if not t:
+            raise LmtuneError("target: name at least one module (q_proj,v_proj) or all-linear")
+        return "all-linear" if t == ["all-linear"] else t
+
+    def _peft_config(self, lm: LM, n_steps: int):
+        from peft import LoraConfig
+
+        if self.rank < 1:
+            raise LmtuneError(f"rank must be at least 1, got {self.rank}")
+        inits = {"default": True, "gaussian": "gaussian", "pissa": "pissa"}
+        if self.init not in inits:
+            raise LmtuneError(f"init must be one of {', '.join(inits)}, got {self.init!r}")
+        return LoraConfig(r=self.rank, lora_alpha=self.alpha, lora_dropout=self.dropout,
+                          target_modules=self._targets(), layers_to_transform=parse_layers(self.layers, n_layers(lm)),
+                          init_lora_weights=inits[self.init], use_dora=self.dora, bias="none")
+
+    def _frozen_below(self, lm: LM) -> int:
+        layers = parse_layers(self.layers, n_layers(lm))
+        return min(layers) if layers else 0
+
+
+class AdaLoraClassifier(PeftClassifier):
+    """AdaLoRA: SVD-form low-rank updates whose ranks are reallocated during training by importance (PEFT).
+
+    Parameters
+    ----------
+    init_rank : int
+        Starting rank of every update.
+    target_rank : int
+        Average rank left after allocation (the budget).
+    alpha : float
+        Scaling numerator of the updates.
+    dropout : float
+        Dropout on the adapter branch's input.
+    target : str
+        Comma-separated module names to adapt.
+    tinit : float
+        Share of the optimizer steps before rank pruning begins.
+    tfinal : float
+        Share of the optimizer steps, at the end, trained with the final ranks fixed.
+    orth_reg : float
+        Weight of the penalty keeping the singular-vector factors orthogonal.
+    """
+
+    method = "adalora"
+    default_lr = 1e-3
+    options = ("init_rank", "target_rank", "alpha", "dropout", "target", "tinit", "tfinal", "orth_reg")
+
+    def __init__(self, model=DEFAULT_MODEL, task=None, *, init_rank: int = 12, target_rank: int = 4, alpha: float = 16,
+                 dropout: float = 0.05, target: str = "q_proj,v_proj", tinit: float = 0.2, tfinal: float = 0.3,
+                 orth_reg: float = 0.5, **kwargs):
+        super().__init__(model, task, **kwargs)
+        self.init_rank = init_rank
+        self.target_rank = target_rank
+        self.alpha = alpha
+        self.dropout = dropout
+        self.target = target
+        self.tinit = tinit
+        self.tfinal = tfinal
+        self.orth_reg = orth_reg
+
+    def _peft_config(self, lm: LM, n_steps: int):
+        from peft import AdaLoraConfig
+
+        if not 1 <= self.target_rank <= self.init_rank:
+            raise LmtuneError(f"need 1 <= target_rank <= init_rank, got {self.target_rank} and {self.init_rank}")
+        tinit, tfinal = int(self.tinit * n_steps), int(self.tfinal * n_steps)
+        if tinit + tfinal >= n_steps:
+            raise LmtuneError(f"AdaLoRA needs steps left for rank allocation: {n_steps} optimizer steps, "
+                              f"tinit {tinit} + tfinal {tfinal}; train longer or lower tinit/tfinal")
+        self._total_step = n_steps
+        return AdaLoraConfig(init_r=self.init_rank, target_r=self.target_rank, lora_alpha=self.alpha,
+                             lora_dropout=self.dropout, target_modules=LoraClassifier._targets(self),
+                             total_step=n_steps, tinit=tinit, tfinal=tfinal, deltaT=1,
+                             orth_reg_weight=self.orth_reg)
+
+    def _regularizer(self, n: int):
+        if self._pm is None or not self.orth_reg:
+            return 0.0
+        reg, count = 0.0, 0
+        for name, p in self._pm.named_parameters():
+            if p.requires_grad and ("lora_A" in name or "lora_B" in name):
+                cov = p @ p.T if "lora_A" in name else p.T @ p
+                reg = reg + torch.linalg.matrix_norm(cov - torch.eye(cov.shape[0], dtype=cov.dtype))
+                count += 1
+        return self.orth_reg * reg / max(count, 1) * n
+
+    def _after_update(self, step: int) -> None:
+        if self._pm is not None:
+            self._pm.base_model.update_and_allocate(step)
+
+    def rank_pattern(self) -> dict[str, int]:
+        """Ranks left to each adapted module after allocation (from the saved adapter)."""
+        import json
+
+        self._check_fitted()
+        cfg = json.loads((Path(self.adapter_dir_) / "adapter_config.json").read_text())
+        pattern = cfg.get("rank_pattern") or {}
+        return {k: int(sum(v)) if isinstance(v, list) else int(v) for k, v in pattern.items()}
+
+
+class PromptTuningClassifier(PeftClassifier):
+    """Prompt tuning: trainable virtual-token embeddings prepended to every prompt (PEFT).
+
+    Parameters
+    ----------
+    virtual_tokens : int
+        Number of trainable embeddings prepended.
+    init_text : str or None
+        Initialise the virtual tokens from this text's token embeddings (tiled); None draws them from the
+        vocabulary's embeddings at random.
+    """
+
+    method = "prompt-tuning"
+    default_lr = 3e-2
+    options = ("virtual_tokens", "init_text")
+
+    def __init__(self, model=DEFAULT_MODEL, task=None, *, virtual_tokens: int = 20,
+                 init_text: str | None = "Classify the text and answer with one word.", **kwargs):
+        super().__init__(model, task, **kwargs)
+        self.virtual_tokens = virtual_tokens
+        self.init_text = init_text
+
+    def _peft_config(self, lm: LM, n_steps: int):
+        from peft import PromptTuningConfig, TaskType
+
+        if self.virtual_tokens < 1:
+            raise LmtuneError(f"virtual_tokens must be at least 1, got {self.virtual_tokens}")
+        return PromptTuningConfig(task_type=TaskType.CAUSAL_LM, num_virtual_tokens=self.virtual_tokens)
+
+    def _prepare(self, pm, lm: LM) -> None:
+        emb = backbone_of(lm).get_input_embeddings().weight
+        if self.init_text:
+            ids = lm.tokenizer(self.init_text, add_special_tokens=False)["input_ids"] or [0]
+        else:
+            ids = torch.randint(0, emb.shape[0], (self.virtual_tokens,)).tolist()
+        ids = (ids * math.ceil(self.virtual_tokens / len(ids)))[: self.virtual_tokens]
+        with torch.no_grad():
+            pm.prompt_encoder["default"].embedding.weight.copy_(emb[torch.tensor(ids)])
+
+    def _virtual_prefix(self, batch: int):
+        pm = getattr(self, "_pm", None)
+        return pm.get_prompt(batch_size=batch) if pm is not None else None
+
+    def _detach(self, pm, lm: LM) -> None:
+        pass  # prompt learning wraps the model without changing its modules

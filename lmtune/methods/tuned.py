@@ -1,0 +1,425 @@
+"""Gradient-trained label-token classifiers: the base every parameter-efficient method shares.
+
+A tuned method changes some part of the model (LoRA factors, virtual tokens, adapters, a few layers, all
+of it) and trains that part with the same objective the closed-form head solves exactly: cross-entropy
+of the K label tokens' logits at the prompt's last position,
+
+    loss = -log softmax(h_T A[:, labels])_y          h_T: final hidden state at the last prompt token
+
+so the full-vocabulary logits of every position are never formed (the output embedding is sliced to
+its K label rows, as in :mod:`lmtune.features`).
+
+Design
+------
+* **The base model is shared and never left changed.** A method keeps what it learned apart from the
+  model and *attaches* it only for a forward pass (:meth:`TunedClassifier.attached`): PEFT adapters are
+  injected and unloaded again, hand-written methods swap their tensors in and back out. Several runs can
+  therefore use one loaded base, the zero-shot logits stay available for the flip analysis, and the
+  on-disk feature cache (keyed by the base model's fingerprint) is never poisoned by adapted weights.
+* **One training loop** (:func:`lmtune.training.train`) for every method: the method only supplies its
+  trainable parameters and this module's loss over example indices.
+* **Frozen lower layers are computed once.** When a method trains nothing below layer ``k`` (last-layers;
+  LoRA or adapters restricted to the top layers), the hidden states entering layer ``k`` are computed once
+  for the training set, under ``no_grad``, and every epoch runs only layers ``k..L``. This is exact: those
+  states do not depend on anything being trained. It is done by running the backbone with its layer list
+  cut (:func:`layer_range`), so the model's own mask and rotary code stay in charge; it is used only for
+  model types whose backbone passes ``inputs_embeds`` through unchanged (no embedding scaling).
+* Batches are grouped by length and right-padded; the logits are read at each row's last real token.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import math
+import time
+from pathlib import Path
+from typing import ClassVar, Iterator
+
+import numpy as np
+import torch
+
+from lmtune.data import Dataset
+from lmtune.errors import LmtuneError
+from lmtune.features import label_head, show_progress
+from lmtune.metrics import classification_report
+from lmtune.methods.base import LabelTokenClassifier, as_dataset, softmax
+from lmtune.models import DEFAULT_MODEL, LM
+from lmtune.runs import write_run
+
+# Backbones whose forward uses inputs_embeds as given (Gemma, for one, scales them by sqrt(d)).
+REUSE_LOWER_MODEL_TYPES = {"llama", "mistral", "qwen2", "qwen3", "smollm3", "phi3", "olmo", "olmo2", "granite"}
+LOWER_CACHE_LIMIT_BYTES = 4 << 30  # above this, recompute the frozen layers instead of storing them
+
+
+def backbone_of(lm: LM):
+    """The decoder stack (embeddings, layers, final norm) of a causal LM."""
+    return lm.model.get_decoder() if hasattr(lm.model, "get_decoder") else lm.model.base_model
+
+
+def n_layers(lm: LM) -> int:
+    return len(backbone_of(lm).layers)
+
+
+@contextlib.contextmanager
+def layer_range(lm: LM, start: int, stop: int | None = None, final_norm: bool = True):
+    """Run only layers ``start:stop`` of the backbone (and the final norm when ``final_norm``)."""
+    bb = backbone_of(lm)
+    layers, norm = bb.layers, bb.norm
+    bb.layers = torch.nn.ModuleList(list(layers)[start:stop])
+    if not final_norm:
+        bb.norm = torch.nn.Identity()
+    try:
+        yield bb
+    finally:
+        bb.layers, bb.norm = layers, norm
+
+
+def pad_batch(seqs: list[list[int]], pad: int, device) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Right-padded ids (B, T), attention mask (B, T) and lengths (B,)."""
+    lengths = torch.tensor([len(s) for s in seqs])
+    T = int(lengths.max())
+    ids = torch.full((len(seqs), T), pad, dtype=torch.long)
+    mask = torch.zeros((len(seqs), T), dtype=torch.long)
+    for r, s in enumerate(seqs):
+        ids[r, :len(s)] = torch.tensor(s)
+        mask[r, :len(s)] = 1
+    return ids.to(device), mask.to(device), lengths.to(device)
+
+
+class TunedClassifier(LabelTokenClassifier):
+    """Base of the gradient-trained methods; subclasses say what is trained and how it attaches.
+
+    Parameters
+    ----------
+    model : LM or str
+        A loaded :class:`lmtune.models.LM` or a name for :func:`lmtune.load_model`.
+    task : ClassificationTask
+    epochs : int
+        Passes over the training data.
+    lr : float or None
+        Peak learning rate of AdamW; None takes the method's default.
+    batch_size : int
+        Examples per optimizer step (across gradient accumulation and processes); also the batch of
+        inference passes.
+    grad_accum : int
+        Micro-batches per optimizer step: the same gradient as one big batch, in less memory.
+    weight_decay : float
+        AdamW weight decay (not applied to biases and norm weights).
+    warmup : float
+        Linear warmup: a fraction of the optimizer steps when below 1, else a number of steps.
+    schedule : str
+        Learning-rate decay after warmup: cosine, linear or constant.
+    clip : float or None
+        Largest global gradient norm; 0 or None turns clipping off.
+    patience : int or None
+        Stop after this many epochs without a better validation score (needs validation data).
+    val : Dataset, str or None
+        Validation data, scored each epoch; the best epoch's parameters are kept.
+    val_metric : str
+        What validation maximises: nll (the negative log-likelihood, lower is better) or accuracy.
+    seed : int
+        Seeds initialisation, data order and dropout.
+    max_steps : int or None
+        Stop after this many optimizer steps.
+    gradient_checkpointing : bool
+        Recompute activations in the backward pass: less memory, about a third more time.
+    checkpoint_dir : str or None
+        Folder for resumable training checkpoints.
+    resume : bool
+        Continue from the checkpoint in checkpoint_dir when there is one.
+    reuse_lower : bool
+        Compute the frozen lower layers' activations once instead of every epoch (exact; uses memory).
+    progress : bool or None
+        Progress bars; None shows them only on a terminal.
+    cache : bool
+        Use the on-disk feature cache for the base model's (zero-shot) logits.
+    """
+
+    default_lr: ClassVar[float] = 1e-4
+    # Constructor parameters that are method options (the CLI offers them as --flags).
+    options: ClassVar[tuple[str, ...]] = ()
+
+    def __init__(self, model: "LM | str" = DEFAULT_MODEL, task=None, *, epochs: int = 3, lr: float | None = None,
+                 batch_size: int = 8, grad_accum: int = 1, weight_decay: float = 0.0, warmup: float = 0.06,
+                 schedule: str = "cosine", clip: float | None = 1.0, patience: int | None = None, val=None,
+                 val_metric: str = "nll", seed: int = 0, max_steps: int | None = None,
+                 gradient_checkpointing: bool = False, checkpoint_dir: str | None = None, resume: bool = False,
+                 reuse_lower: bool = True, progress: bool | None = None, cache: bool = True):
+        super().__init__(model, task, batch_size=batch_size, progress=progress, cache=cache)
+        self.epochs = epochs
+        self.lr = lr
+        self.grad_accum = grad_accum
+        self.weight_decay = weight_decay
+        self.warmup = warmup
+        self.schedule = schedule
+        self.clip = clip
+        self.patience = patience
+        self.val = val
+        self.val_metric = val_metric
+        self.seed = seed
+        self.max_steps = max_steps
+        self.gradient_checkpointing = gradient_checkpointing
+        self.checkpoint_dir = checkpoint_dir
+        self.resume = resume
+        self.reuse_lower = reuse_lower
+
+    # -- what a subclass provides ---------------------------------------------------------------------
+
+    def _init_state(self, lm: LM) -> None:
+        """Create the untrained learned state (``self.*_``), seeded."""
+        raise NotImplementedError
+
+    @contextlib.contextmanager
+    def _attach(self, lm: LM, train: bool) -> Iterator[dict[str, torch.nn.Parameter]]:
+        """Put the learned state into the model; yield the trainable parameters; undo on exit."""
+        raise NotImplementedError
+        yield {}
+
+    def _after_training(self, lm: LM, params: dict[str, torch.nn.Parameter]) -> None:
+        """Keep the trained values (called while still attached)."""
+
+    def _frozen_below(self, lm: LM) -> int:
+        """Index of the lowest layer whose output depends on trained parameters (0: the embeddings do)."""
+        return 0
+
+    def _virtual_prefix(self, batch: int) -> torch.Tensor | None:
+        """(B, P, d) embeddings prepended to every prompt (prompt tuning), or None."""
+        return None
+
+    def hyperparameters(self) -> dict:
+        """The method's own options, for the run card."""
+        return {name: getattr(self, name) for name in self.options}
+
+    # -- attaching ------------------------------------------------------------------------------------
+
+    @contextlib.contextmanager
+    def attached(self, train: bool = False):
+        """The base model with this method's learned state in it, for the duration of the block."""
+        lm = self.lm
+        with self._attach(lm, train) as params:
+            yield params
+
+    # -- forward --------------------------------------------------------------------------------------
+
+    def _forward(self, lm: LM, seqs: list[list[int]], label_ids: torch.Tensor,
+                 lower: list[torch.Tensor] | None = None, start: int = 0) -> torch.Tensor:
+        """(B, K) label logits for token sequences; from cached layer-``start`` inputs when ``lower``."""
+        device = lm.device
+        bb = backbone_of(lm)
+        pad = lm.tokenizer.pad_token_id if lm.tokenizer.pad_token_id is not None else 0
+        ids, mask, lengths = pad_batch(seqs, pad, device)
+        B = len(seqs)
+        if lower is not None:
+            T = ids.shape[1]
+            emb = torch.zeros((B, T, lower[0].shape[-1]), dtype=lower[0].dtype, device=device)
+            for r, h in enumerate(lower):
+                emb[r, :h.shape[0]] = h.to(device)
+            with layer_range(lm, start) as top:
+                h = top(inputs_embeds=emb, attention_mask=mask, use_cache=False).last_hidden_state
+        else:
+            emb = bb.get_input_embeddings()(ids)
+            prefix = self._virtual_prefix(B)
+            if prefix is not None:
+                P = prefix.shape[1]
+                emb = torch.cat([prefix.to(emb.dtype), emb], dim=1)
+                mask = torch.cat([torch.ones((B, P), dtype=mask.dtype, device=device), mask], dim=1)
+                lengths = lengths + P
+            h = bb(inputs_embeds=emb, attention_mask=mask, use_cache=False).last_hidden_state
+        z = h[torch.arange(B, device=device), lengths - 1]
+        A = lm.model.get_output_embeddings()
+        logits = z @ A.weight[label_ids].T
+        if getattr(A, "bias", None) is not None:
+            logits = logits + A.bias[label_ids]
+        return logits.float()
+
+    @torch.no_grad()
+    def _lower_cache(self, lm: LM, seqs: list[list[int]], start: int) -> list[torch.Tensor] | None:
+        """Hidden states entering layer ``start`` for every sequence (each (T_i, d)), or None if unsuitable."""
+        if start <= 0 or not self.reuse_lower or self._virtual_prefix(1) is not None:
+            return None
+        if getattr(lm.model.config, "model_type", "") not in REUSE_LOWER_MODEL_TYPES:
+            return None
+        bytes_needed = sum(len(s) for s in seqs) * lm.hidden_size * 4
+        if bytes_needed > LOWER_CACHE_LIMIT_BYTES:
+            return None
+        pad = lm.tokenizer.pad_token_id if lm.tokenizer.pad_token_id is not None else 0
+        out: list[torch.Tensor | None] = [None] * len(seqs)
+        order = sorted(range(len(seqs)), key=lambda i: len(seqs[i]), reverse=True)
+        was_training = lm.model.training
+        lm.model.eval()
+        try:
+            with layer_range(lm, 0, start, final_norm=False) as low:
+                for b in range(0, len(order), max(self.batch_size, 16)):
+                    idx = order[b:b + max(self.batch_size, 16)]
+                    ids, mask, lengths = pad_batch([seqs[i] for i in idx], pad, lm.device)
+                    h = low(input_ids=ids, attention_mask=mask, use_cache=False).last_hidden_state
+                    for r, i in enumerate(idx):
+                        out[i] = h[r, :int(lengths[r])].detach().cpu().clone()
+        finally:
+            lm.model.train(was_training)
+        return out
+
+    def _logits_of(self, lm: LM, seqs: list[list[int]], label_ids: torch.Tensor) -> np.ndarray:
+        """Adapted (N, K) label logits, in eval mode, batched by length."""
+        out = np.empty((len(seqs), len(label_ids)), dtype=np.float64)
+        order = sorted(range(len(seqs)), key=lambda i: len(seqs[i]), reverse=True)
+        bs = max(self.batch_size, 16)
+        was_training = lm.model.training
+        lm.model.eval()
+        try:
+            with torch.inference_mode():
+                for b in range(0, len(order), bs):
+                    idx = order[b:b + bs]
+                    out[idx] = self._forward(lm, [seqs[i] for i in idx], label_ids).cpu().numpy()
+        finally:
+            lm.model.train(was_training)
+        return out
+
+    # -- fitting --------------------------------------------------------------------------------------
+
+    def train_config(self, n_examples: int):
+        from lmtune.training import TrainConfig
+
+        return TrainConfig(epochs=self.epochs, lr=self.lr if self.lr is not None else self.default_lr,
+                           weight_decay=self.weight_decay, warmup=self.warmup, schedule=self.schedule,
+                           batch_size=self.batch_size, grad_accum=self.grad_accum, clip=self.clip or None,
+                           patience=self.patience, seed=self.seed, max_steps=self.max_steps,
+                           checkpoint_dir=self.checkpoint_dir)
+
+    def fit(self, data, val=None) -> "TunedClassifier":
+        """Train on labeled ``data``; ``val`` (or the ``val`` parameter) picks the best epoch."""
+        from lmtune.training import train
+
+        ds = as_dataset(data)
+        task = self._check_task()
+        lm = self.lm
+        tok = lm.tokenizer
+        if self.val_metric not in ("nll", "accuracy"):
+            raise LmtuneError(f"val_metric must be nll or accuracy, got {self.val_metric!r}")
+        label_ids = torch.tensor(task.label_token_ids(tok), device=lm.device)
+        enc = task.encode(tok, ds, labeled=True)
+        seqs, y = enc.input_ids, torch.as_tensor(enc.y, device=lm.device)
+        val = val if val is not None else self.val
+        vseqs = vy = None
+        if val is not None:
+            venc = task.encode(tok, as_dataset(val), labeled=True)
+            vseqs, vy = venc.input_ids, venc.y
+
+        torch.manual_seed(self.seed)
+        self._init_state(lm)
+        cfg = self.train_config(len(seqs))
+        t0 = time.perf_counter()
+        peak0 = _peak_rss()
+        was_training = lm.model.training
+        gc_was = self.gradient_checkpointing and getattr(lm.model, "is_activation_checkpointing", False)
+        with self._attach(lm, train=True) as params:
+            start = self._frozen_below(lm)
+            lower = self._lower_cache(lm, seqs, start)
+            lower_seconds = time.perf_counter() - t0
+            if self.gradient_checkpointing and lower is None:
+                lm.model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+            lm.model.train()
+
+            def loss_fn(indices):
+                batch = [seqs[i] for i in indices]
+                if lower is not None:
+                    logits = self._forward(lm, batch, label_ids, [lower[i] for i in indices], start)
+                else:
+                    logits = self._forward(lm, batch, label_ids)
+                loss = torch.nn.functional.cross_entropy(logits, y[indices], reduction="sum")
+                return loss + self._regularizer(len(indices)), sum(len(s) for s in batch)
+
+            def val_fn():
+                logits = self._logits_of(lm, vseqs, label_ids)
+                rep = classification_report(vy, softmax(logits), task.labels)
+                return -rep["nll"] if self.val_metric == "nll" else rep["accuracy"]
+
+            try:
+                result = train(params, loss_fn, len(seqs), cfg, lengths=[len(s) for s in seqs],
+                               val_fn=val_fn if vseqs is not None else None, resume=self.resume,
+                               progress=self.progress, desc=self.method, after_update=self._after_update)
+            finally:
+                lm.model.train(was_training)
+                if self.gradient_checkpointing and not gc_was and hasattr(lm.model, "gradient_checkpointing_disable"):
+                    lm.model.gradient_checkpointing_disable()
+            self._after_training(lm, params)
+            n_trainable = sum(p.numel() for p in params.values())
+        n_total = sum(p.numel() for p in lm.model.parameters())
+        self.train_result_ = result
+        self.fit_info_ = {"n_train": len(seqs), "n_val": len(vseqs) if vseqs is not None else 0,
+                          "trainable_params": int(n_trainable), "base_params": int(n_total),
+                          "trainable_share": n_trainable / n_total, "train_seconds": time.perf_counter() - t0,
+                          "lower_cache_seconds": lower_seconds if lower is not None else None,
+                          "reused_lower_layers": start if lower is not None else 0,
+                          "peak_rss_bytes": _peak_rss(), "peak_rss_at_start_bytes": peak0,
+                          "train": result.to_dict(), "config": cfg.to_dict(), "data_sha256": ds.content_hash(),
+                          "truncated_prompts": enc.n_truncated}
+        return self
+
+    def _regularizer(self, n: int) -> torch.Tensor | float:
+        """Extra loss per optimizer step, scaled by the micro-batch's share ``n`` (AdaLoRA's orthogonality)."""
+        return 0.0
+
+    def _after_update(self, step: int) -> None:
+        """Called after every optimizer update, gradients still present (AdaLoRA's rank allocation)."""
+
+    # -- predicting -----------------------------------------------------------------------------------
+
+    def _check_fitted(self):
+        if not hasattr(self, "fit_info_"):
+            raise LmtuneError(f"this {self.method} estimator is not fitted: call fit() or load a run")
+
+    def label_logits(self, data, labeled: bool = False, base: bool = False):
+        """Adapted (N, K) label logits, the base model's (when ``base``), the class indices (when
+        ``labeled``) and the dataset."""
+        self._check_fitted()
+        ds = as_dataset(data)
+        task = self._check_task()
+        lm = self.lm
+        label_ids = torch.tensor(task.label_token_ids(lm.tokenizer), device=lm.device)
+        enc = task.encode(lm.tokenizer, ds, labeled=labeled)
+        t0 = time.perf_counter()
+        with self.attached():
+            logits = self._logits_of(lm, enc.input_ids, label_ids)
+        self.last_predict_seconds_ = time.perf_counter() - t0
+        base_logits = None
+        if base:
+            feats, _, _ = self.features(ds)
+            base_logits = np.asarray(feats.L, dtype=np.float64)
+        return logits, base_logits, enc.y, ds
+
+    # -- saving ---------------------------------------------------------------------------------------
+
+    def card(self) -> dict:
+        self._check_fitted()
+        return {**self.base_card(), "hyperparameters": self.hyperparameters(), "training": dict(self.fit_info_)}
+
+    def _write_files(self, folder: Path) -> None:
+        """Write the learned state into the run folder being assembled."""
+        raise NotImplementedError
+
+    def _load_files(self, folder: Path) -> None:
+        """Read the learned state back from a run folder."""
+        raise NotImplementedError
+
+    def save(self, path) -> Path:
+        """Write the run folder: ``card.json`` and the method's files (see each method)."""
+        return write_run(path, self.card(), self._write_files)
+
+    @classmethod
+    def from_card(cls, card: dict, folder: Path, model, **kwargs) -> "TunedClassifier":
+        from lmtune.tasks import ClassificationTask
+
+        est = cls(model, ClassificationTask.from_dict(card["task"]), **card.get("hyperparameters", {}), **kwargs)
+        est._load_files(Path(folder))
+        est.fit_info_ = card.get("training", {})
+        return est
+
+
+def _peak_rss() -> int:
+    """Peak resident set size of this process so far, in bytes (Linux ru_maxrss is in KiB)."""
+    import resource
+    import sys
+
+    r = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    return int(r if sys.platform == "darwin" else r * 1024)
