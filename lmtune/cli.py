@@ -74,6 +74,64 @@ def _run_args(p: argparse.ArgumentParser,
     p.add_argument("--json", action="store_true", help=json_help)
 
 
+TRAINING_OPTIONS = ("epochs", "lr", "grad_accum", "weight_decay", "warmup", "schedule", "clip", "patience", "val",
+                    "val_metric", "seed", "max_steps", "gradient_checkpointing", "checkpoint_dir", "resume")
+CHOICES = {"schedule": ["cosine", "linear", "constant"], "val_metric": ["nll", "accuracy"],
+           "init": ["default", "gaussian", "pissa"], "placement": ["both", "mlp"]}
+
+
+NONE_DEFAULT_TYPES = {"lr": float, "max_steps": int, "patience": int}
+
+
+def _option_type(default, name: str = ""):
+    """The argparse type of a constructor parameter, from its default value (or the table above)."""
+    kind = NONE_DEFAULT_TYPES.get(name) if default is None else type(default)
+    if kind is bool:
+        return None
+    if kind is int:
+        return _number(int, 0)
+    if kind is float:
+        return _number(float, 0.0)
+    return str
+
+
+def _tuned_options() -> dict[str, tuple[object, list[str]]]:
+    """Every option of the gradient-trained methods: name -> (documenting class, methods that take it)."""
+    from lmtune.methods import METHODS
+    from lmtune.methods.tuned import TunedClassifier
+
+    out: dict[str, tuple[object, list[str]]] = {}
+    for name, cls in METHODS.items():
+        if issubclass(cls, TunedClassifier):
+            for opt in cls.options:
+                out.setdefault(opt, (cls, []))[1].append(name)
+    return out
+
+
+def _tuned_args(p: argparse.ArgumentParser) -> None:
+    """Options of the gradient-trained methods (given only when set, so each method keeps its defaults)."""
+    from lmtune.methods.tuned import TunedClassifier as T
+
+    g = p.add_argument_group("training (gradient methods)")
+    sig = inspect.signature(T.__init__).parameters
+    for name in TRAINING_OPTIONS:
+        _add_option(g, name, sig[name].default, T)
+    g = p.add_argument_group("method options")
+    for name, (cls, methods) in _tuned_options().items():
+        default = inspect.signature(cls.__init__).parameters[name].default
+        _add_option(g, name, default, cls, f" ({', '.join(methods)})")
+
+
+def _add_option(g, name: str, default, cls, suffix: str = "") -> None:
+    flag = "--" + name.replace("_", "-")
+    text = _param_help(cls, name) + suffix.replace("%", "%%")
+    if isinstance(default, bool):
+        g.add_argument(flag, dest=name, action="store_true", default=None, help=text)
+    else:
+        g.add_argument(flag, dest=name, type=_option_type(default, name), choices=CHOICES.get(name), default=None,
+                       help=text + (f" Default: {default}." if default is not None else ""))
+
+
 def build_parser() -> argparse.ArgumentParser:
     from lmtune.methods import METHODS
     from lmtune.methods.closed_form import ClosedFormClassifier as CF
@@ -96,6 +154,7 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--criterion", choices=["gcv", "loo"], default="gcv", help=_param_help(CF, "criterion"))
     g.add_argument("--smoothing", type=float, default=0.1, help=_param_help(CF, "smoothing"))
     g.add_argument("--no-intercept", action="store_true", help="Do not fit the per-label bias.")
+    _tuned_args(p)
     _run_args(p)
 
     for name, what in (("eval", "Metrics of a run (or of the zero-shot model) on labeled data."),
@@ -114,10 +173,32 @@ def build_parser() -> argparse.ArgumentParser:
             _run_args(p, json_help="No progress bars (the output is JSON lines either way).")
             p.add_argument("--out", default=None, help="Write the JSON lines to this file (atomically) instead of stdout.")
 
+    p = sub.add_parser("merge", help="Fold a LoRA-family run into its base model's weights and save the model.",
+                       description="Fold a LoRA-family run into its base model's weights. The output folder is a "
+                                   "plain Hugging Face model and also a run folder for lmtune eval/predict.")
+    p.add_argument("run", help="A lora or adalora run folder.")
+    p.add_argument("--out", required=True, help="Folder for the merged model (replaced atomically if it is a run).")
+    p.add_argument("--model", default=None, help="Base model (default: the run's).")
+
     p = sub.add_parser("demo", help="Zero-shot vs closed-form on the built-in reviews dataset.")
     p.add_argument("--model", default=DEFAULT_MODEL)
     p.add_argument("--out", default=None, help="Also save the fitted closed-form run here.")
     p.add_argument("--json", action="store_true", help="Print the results as one JSON object.")
+
+    from lmtune.compare import compare
+
+    what = "Fit several methods on the same data and compare quality, size, memory, training time and latency."
+    p = sub.add_parser("compare", help=what, description=f"{what} Methods: {methods_help}")
+    p.add_argument("--methods", required=True, help=f"Comma-separated, from: {', '.join(METHODS)}.")
+    p.add_argument("--model", default=DEFAULT_MODEL, help="Built-in name, Hugging Face folder, .gguf file or hub id.")
+    p.add_argument("--train", required=True, help="Training data: .jsonl, .csv, .tsv or builtin:NAME:SPLIT.")
+    p.add_argument("--test", required=True, help="Test data, same formats.")
+    p.add_argument("--out", required=True, help="Report folder: report.md/.csv/.json, two plots, runs/<method>.")
+    p.add_argument("--latency-examples", type=_number(int, 0), default=64,
+                   help=_param_help(compare, "latency_examples"))
+    _task_args(p, required=True)
+    _tuned_args(p)  # --val among them: validation data for the gradient methods
+    _run_args(p, json_help="Print the whole comparison as one JSON object (no progress).")
 
     sub.add_parser("methods", help="List the available methods.")
     return parser
@@ -164,6 +245,7 @@ def cmd_fit(args) -> int:
     if METHODS[args.method] is ClosedFormClassifier:
         kwargs.update(lam=args.lam, criterion=args.criterion, smoothing=args.smoothing,
                       fit_intercept=not args.no_intercept)
+    kwargs.update(_tuned_kwargs(args))
     task = _task_from(args)
     check_run_destination(args.out)  # before minutes of fitting, not after
     # Read the file here, not inside fit: a method that learns nothing from it (zero-shot) would
@@ -180,10 +262,34 @@ def cmd_fit(args) -> int:
         if fitted:
             print(f"lambda {fitted['lam']:.4g} ({fitted['solver']}, condition number {fitted['condition_number']}), "
                   f"solve {fitted['solve_seconds'] * 1e3:.1f} ms, features {fitted['extract_seconds']:.1f} s")
+        training = card.get("training")
+        if training:
+            last = training["train"]["history"][-1] if training["train"]["history"] else {}
+            print(f"trained {training['trainable_params']:,} parameters "
+                  f"({100 * training['trainable_share']:.3g}% of the model) in {training['train_seconds']:.1f} s, "
+                  f"{training['train']['steps']} steps; last epoch loss {last.get('train_loss', float('nan')):.4f}"
+                  + (f", best validation epoch {training['train']['best_epoch']}" if training["train"]["best_epoch"]
+                     else ""))
         if card.get("train_metrics"):
             tm = card["train_metrics"]
             print(f"train accuracy {tm['accuracy']:.4f}, macro-F1 {tm['macro_f1']:.4f}, NLL {tm['nll']:.4f}")
     return 0
+
+
+def _tuned_kwargs(args) -> dict:
+    """The training and method options given on the command line, checked against the chosen method."""
+    from lmtune.methods import METHODS
+    from lmtune.methods.tuned import TunedClassifier
+
+    cls = METHODS[args.method]
+    given = {name: getattr(args, name) for name in (*TRAINING_OPTIONS, *_tuned_options())
+             if getattr(args, name, None) is not None}
+    tuned = issubclass(cls, TunedClassifier)
+    wrong = [n for n in given if not tuned or (n not in TRAINING_OPTIONS and n not in cls.options)]
+    if wrong:
+        flags = ", ".join("--" + n.replace("_", "-") for n in wrong)
+        raise LmtuneError(f"{flags} do{'es' if len(wrong) == 1 else ''} not apply to --method {args.method}")
+    return given
 
 
 def cmd_eval(args) -> int:
@@ -211,6 +317,13 @@ def cmd_predict(args) -> int:
     return 0
 
 
+def cmd_merge(args) -> int:
+    from lmtune.merge import merge
+
+    print(f"merged model saved to {merge(args.run, args.out, model=args.model)}")
+    return 0
+
+
 def cmd_demo(args) -> int:
     from lmtune.demo import run_demo
     from lmtune.report import METRIC_COLUMNS, flips_text, table
@@ -229,6 +342,27 @@ def cmd_demo(args) -> int:
     return 0
 
 
+def cmd_compare(args) -> int:
+    from lmtune.compare import check_methods, compare, route_options
+    from lmtune.report import compare_table
+
+    names = check_methods(args.methods)  # before the model loads: a typo fails at once
+    given = {name: getattr(args, name) for name in (*TRAINING_OPTIONS, *_tuned_options())
+             if getattr(args, name, None) is not None}
+    val = given.pop("val", None)  # the comparison's own validation data (recorded in the report)
+    options = route_options(given, names, TRAINING_OPTIONS)
+    log = (lambda msg: None) if args.json else (lambda msg: print(msg, file=sys.stderr))
+    res = compare(args.model, _task_from(args), args.train, args.test, names, val=val, options=options,
+                  out=args.out, progress=False if args.json else None, latency_examples=args.latency_examples,
+                  batch_size=args.batch_size, cache=not args.no_cache, log=log)
+    if args.json:
+        print(json.dumps(res))
+    else:
+        print(compare_table(res["rows"]))
+        print(f"\nreport, plots and runs in {args.out} (report.md explains each column)")
+    return 0
+
+
 def cmd_methods(args) -> int:
     from lmtune.methods import METHODS
 
@@ -237,7 +371,8 @@ def cmd_methods(args) -> int:
     return 0
 
 
-COMMANDS = {"fit": cmd_fit, "eval": cmd_eval, "predict": cmd_predict, "demo": cmd_demo, "methods": cmd_methods}
+COMMANDS = {"fit": cmd_fit, "eval": cmd_eval, "predict": cmd_predict, "merge": cmd_merge, "demo": cmd_demo, "compare": cmd_compare,
+            "methods": cmd_methods}
 
 
 def _show_warning(message, category, filename, lineno, file=None, line=None):

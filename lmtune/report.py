@@ -57,3 +57,133 @@ def flips_text(f: dict) -> str:
             lines.append(f"    line {ex['line']}: [{ex['label']}] zero-shot {ex['zero_shot']} "
                          f"({ex['p_zero_shot']:.2f}) -> {ex['adapted']} ({ex['p_adapted']:.2f}): {ex['text']}")
     return "\n".join(lines)
+
+
+# -- method comparison (lmtune.compare) ---------------------------------------------------------------
+
+COMPARE_COLUMNS = [("method", "method"), ("accuracy", "accuracy"), ("macro_f1", "macro-F1"), ("nll", "NLL"),
+                   ("ece", "ECE"), ("brier", "Brier"), ("trainable_params", "trainable params"),
+                   ("trainable_share", "share of base"), ("adapter_bytes", "adapter size"),
+                   ("train_seconds", "train (s)"), ("fit_memory_bytes", "fit memory"),
+                   ("peak_rss_bytes", "peak RSS"), ("latency_ms", "latency (ms/ex)"),
+                   ("merged_latency_ms", "merged (ms/ex)")]
+
+
+def _bytes(n) -> str | None:
+    if n is None:
+        return None
+    for unit, size in (("GiB", 1 << 30), ("MiB", 1 << 20), ("KiB", 1 << 10)):
+        if abs(n) >= size:
+            return f"{n / size:.1f} {unit}"
+    return f"{n} B"
+
+
+def _display_row(r: dict) -> dict:
+    """A comparison row with counts, shares, sizes and times formatted for reading."""
+    d = dict(r)
+    d["trainable_params"] = None if r["trainable_params"] is None else f"{r['trainable_params']:,}"
+    share = r["trainable_share"]
+    d["trainable_share"] = None if share is None else f"{100 * share:.3g}%"
+    for k in ("adapter_bytes", "fit_memory_bytes", "peak_rss_bytes"):
+        d[k] = _bytes(r[k])
+    d["train_seconds"] = None if r["train_seconds"] is None else f"{r['train_seconds']:.2f}"
+    for k in ("latency_ms", "merged_latency_ms"):
+        d[k] = None if r[k] is None else f"{r[k]:.3g}"
+    return d
+
+
+def compare_table(rows: list[dict]) -> str:
+    """The comparison rows of :func:`lmtune.compare.compare` as one Markdown table."""
+    return table([_display_row(r) for r in rows], COMPARE_COLUMNS)
+
+
+def compare_markdown(result: dict) -> str:
+    """The whole comparison report: what was compared, the table, and how each column was measured."""
+    env = result["environment"]
+
+    def data(d):
+        return f"`{d['path']}` (n={d['n']}, sha256 {d['sha256'][:12]})"
+
+    lines = [f"# Method comparison on {result['model']}", "",
+             f"Train {data(result['train'])}; test {data(result['test'])}"
+             + (f"; validation {data(result['val'])}" if result.get("val") else "") + ".",
+             f"Template {result['task']['template']!r}; torch {env['torch']} on {env['device']} "
+             f"({env['cpu']}, {env['threads']} threads).", "",
+             compare_table(result["rows"]), "",
+             "## How each column was measured", "",
+             "The five axes on which adaptation methods trade against each other, and the columns for each:", "",
+             "- **Quality** (accuracy, macro-F1, NLL, ECE with 15 equal-width bins, multi-class Brier): "
+             "`lmtune.evaluate` on the whole test set.",
+             "- **Parameter efficiency** (trainable params, share of base, adapter size): the numbers the method "
+             "learns (closed-form: the d x K correction and K biases; zero-shot: none), as a share of the base "
+             "model's parameters (a tied embedding counted once); the adapter size is every file of the saved "
+             "run folder except `card.json`. last-layers, norm-tuning and full store the base model's own "
+             "tensors they changed.",
+             "- **Memory** (fit memory, peak RSS): the resident set size of the process during `fit`. Peak RSS "
+             "is the kernel's high-water mark over the fit alone (reset before it, see "
+             f"`lmtune.profiling`; measured by `{', '.join(sorted({r['memory_method'] for r in result['rows']}))}`) "
+             "and includes the loaded base model; fit memory is that peak minus the resident size when the fit "
+             "began, the memory the method itself needed. Freed memory is returned to the system before each "
+             "fit; memory the allocator keeps from an earlier method can still make a later one look smaller.",
+             "- **Training speed** (train (s)): wall time of `fit`, with the feature cache off, so the closed-form "
+             "fit includes its feature extraction; this is the cost of a first fit, not of a refit.",
+             f"- **Inference cost** (latency): a fresh estimator loaded from the run folder predicts the first "
+             f"{result['latency_examples']} test records with the feature cache off; the median of 3 repeats, "
+             f"divided by the number of records. A LoRA-family adapter is attached for every call; merged is "
+             f"the same measurement on a copy of the base model with the adapter folded into its weights (no "
+             f"extra matmuls), for the methods that allow it.", ""]
+    return "\n".join(lines)
+
+
+def plot_quality(rows: list[dict], x_key: str, xlabel: str, title: str):
+    """Test accuracy against ``x_key`` on a log axis, one labelled point per method.
+
+    A method that trains nothing (zero-shot) has no place on a log axis of parameters or training time; it
+    is drawn as a dashed horizontal line, the baseline the others are read against. Each method keeps its
+    colour from plot to plot (its place in :data:`lmtune.methods.METHODS`). Returns a
+    ``matplotlib.figure.Figure`` (no pyplot, so the global backend is left alone).
+    """
+    import math
+
+    from matplotlib import colormaps
+    from matplotlib.figure import Figure
+    from matplotlib.ticker import FuncFormatter
+
+    from lmtune.methods import METHODS
+
+    order = list(METHODS)
+    palette = colormaps["tab10"]
+
+    def colour(r):
+        return palette(order.index(r["method"]) % 10) if r["method"] in order else "0.2"
+
+    fig = Figure(figsize=(6.4, 4.4), dpi=120)
+    ax = fig.add_subplot()
+    rated = [r for r in rows if r.get("accuracy") is not None]
+    points = sorted((r for r in rated if r.get("trainable_params") and r.get(x_key)), key=lambda r: r[x_key])
+    for i, r in enumerate(points):
+        ax.scatter(r[x_key], r["accuracy"], s=40, color=colour(r), zorder=3)
+        # alternate above/below so neighbours with equal accuracy do not print over each other
+        ax.annotate(r["method"], (r[x_key], r["accuracy"]), textcoords="offset points",
+                    xytext=(5, 5 if i % 2 == 0 else -13), fontsize=9, color=colour(r))
+    for r in rated:
+        if not r.get("trainable_params"):
+            ax.axhline(r["accuracy"], color=colour(r), linestyle="--", linewidth=1)
+            ax.annotate(f"{r['method']} ({r['accuracy']:.3f})", (0.01, r["accuracy"]),
+                        xycoords=("axes fraction", "data"), textcoords="offset points", xytext=(0, 4), fontsize=9,
+                        color=colour(r))
+    if points:
+        ax.set_xscale("log")
+        xs = [r[x_key] for r in points]
+        ax.set_xlim(min(xs) / 3, max(xs) * 4)
+        # plain numbers; over a narrow range also at 2 and 5 times a power of ten (the defaults crowd them)
+        ax.xaxis.set_major_formatter(FuncFormatter(lambda v, _: f"{v:,.6g}"))
+        narrow = max(xs) / min(xs) < 100
+        ax.xaxis.set_minor_formatter(FuncFormatter(
+            lambda v, _: f"{v:,.6g}" if narrow and round(v / 10 ** math.floor(math.log10(v)), 6) in (2, 5) else ""))
+    ax.set_xlabel(xlabel)
+    ax.set_ylabel("test accuracy")
+    ax.set_title(title)
+    ax.grid(True, which="major", alpha=0.3)
+    fig.tight_layout()
+    return fig

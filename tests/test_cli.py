@@ -187,7 +187,10 @@ def test_methods(capsys):
     rc, stdout, _ = run_cli(capsys, "methods")
     assert rc == 0
     names = [line.split()[0] for line in stdout.splitlines()]
-    assert names == ["zero-shot", "closed-form"]
+    from lmtune.methods import METHODS
+
+    assert names == list(METHODS)
+    assert names[:2] == ["zero-shot", "closed-form"] and {"lora", "prompt-tuning", "adapter", "full"} <= set(names)
 
 
 def test_help_texts_come_from_the_docstrings(capsys):

@@ -1,0 +1,409 @@
+"""Compare adaptation methods on one dataset, on every axis on which they trade against each other.
+
+No method wins everywhere. The axes are the ones seed 004 names for parameter-efficient fine-tuning, each
+measured here rather than quoted:
+
+* **parameter efficiency**: trainable parameters, their share of the base model, and the bytes a run
+  needs on disk beside the base model (``adapter_bytes``);
+* **memory**: the peak resident memory of the fit (:class:`lmtune.profiling.PeakMemory`), and how far above
+  the resident size at its start it went (``fit_memory_bytes``);
+* **quality**: accuracy, macro-F1, NLL, ECE and Brier on the test set (:func:`lmtune.evaluate.evaluate`),
+  and how many answers changed against the zero-shot model;
+* **training speed**: wall time of ``fit``;
+* **inference cost**: seconds per example of a fresh estimator loaded from the saved run, and for the
+  LoRA family also of the merged model (:func:`lmtune.merge.merged_lm`).
+
+Design
+------
+* **One loaded base model for every method.** Methods never leave the base changed (see
+  :mod:`lmtune.methods.tuned`), so a comparison loads the model once and all rows share its weights.
+* **Cold fits.** Every fit runs with the feature cache off: a closed-form fit on cached features would
+  time the disk, not the method, and a second ``compare`` would report a different training time from the
+  first. Evaluation keeps the cache (when ``cache``), so the zero-shot logits every method's flip
+  analysis needs are computed once.
+* **Latency from the saved run, cache off.** The inference measurement reloads each run with
+  :func:`lmtune.load_run` on the same base, so it includes whatever loading the run needs per call (a PEFT
+  adapter is attached for every ``predict_proba``), and never reads features from disk. The median of 3
+  repeats damps one-off costs; it is divided by the number of examples.
+* **Stable, flat rows.** Every row has the keys of :data:`ROW_KEYS` in that order, with None where a key
+  does not apply, and rows follow the order of :data:`lmtune.methods.METHODS`, whatever the order asked
+  for, so reports of different runs line up and the CSV is rectangular.
+* **Atomic reports.** Each file is written to a temporary name in ``out/`` and renamed.
+"""
+
+from __future__ import annotations
+
+import csv
+import io
+import json
+import os
+import platform
+import shutil
+import statistics
+import tempfile
+import time
+from pathlib import Path
+from typing import Callable, Iterable
+
+from lmtune.errors import LmtuneError
+
+ROW_KEYS = (
+    "method",
+    # quality
+    "accuracy", "macro_f1", "nll", "ece", "brier", "flipped", "net_gain",
+    # parameter efficiency
+    "trainable_params", "base_params", "trainable_share", "adapter_bytes",
+    # training speed
+    "train_seconds", "train_steps",
+    # memory
+    "peak_rss_bytes", "start_rss_bytes", "fit_memory_bytes", "cuda_peak_bytes", "memory_method",
+    # inference cost
+    "latency_ms", "merged_latency_ms", "merged_max_prob_diff",
+    "run",
+)
+REPORT_FILES = ("report.md", "report.csv", "report.json", "quality_vs_params.png", "quality_vs_time.png")
+LATENCY_REPEATS = 3
+
+
+def check_methods(methods, options: dict | None = None) -> list[str]:
+    """The method names in ``methods`` (a list or a comma-separated string), checked, in registry order.
+
+    Raises
+    ------
+    LmtuneError
+        An unknown or repeated name, or ``options`` for a method not being compared.
+    """
+    from lmtune.methods import METHODS
+
+    names = [m.strip() for m in methods.split(",")] if isinstance(methods, str) else [str(m) for m in methods]
+    names = [m for m in names if m]
+    unknown = [m for m in names if m not in METHODS]
+    if unknown:
+        raise LmtuneError(f"unknown method{'s' if len(unknown) > 1 else ''} {', '.join(unknown)}; "
+                          f"known methods: {', '.join(METHODS)}")
+    if not names:
+        raise LmtuneError(f"no methods to compare; known methods: {', '.join(METHODS)}")
+    twice = sorted({m for m in names if names.count(m) > 1})
+    if twice:
+        raise LmtuneError(f"method {', '.join(twice)} listed more than once")
+    stray = sorted(set(options or {}) - set(names))
+    if stray:
+        raise LmtuneError(f"options given for {', '.join(stray)}, which {'is' if len(stray) == 1 else 'are'} "
+                          f"not among the compared methods ({', '.join(names)})")
+    return [m for m in METHODS if m in names]
+
+
+def route_options(given: dict, methods, training: Iterable[str]) -> dict[str, dict]:
+    """Hand options given once for the whole comparison to the methods that take them.
+
+    Parameters
+    ----------
+    given : dict
+        ``{option: value}``, e.g. ``{"epochs": 1, "rank": 4}``.
+    methods : list of str
+        The compared methods.
+    training : iterable of str
+        The training options every gradient method takes (``lmtune.cli.TRAINING_OPTIONS``); the others go
+        to the methods whose ``options`` name them (``rank`` to lora only).
+
+    Returns
+    -------
+    dict
+        ``{method: {option: value}}`` for the methods that receive at least one. A ``checkpoint_dir`` gets
+        one subfolder per method, so no method resumes from another's checkpoint.
+
+    Raises
+    ------
+    LmtuneError
+        An option that none of the compared methods takes.
+    """
+    from lmtune.methods import METHODS
+    from lmtune.methods.tuned import TunedClassifier
+
+    training = set(training)
+    out: dict[str, dict] = {}
+    used = set()
+    for name in methods:
+        cls = METHODS[name]
+        if not issubclass(cls, TunedClassifier):
+            continue
+        mine = {k: v for k, v in given.items() if k in training or k in cls.options}
+        if mine.get("checkpoint_dir"):
+            mine["checkpoint_dir"] = str(Path(mine["checkpoint_dir"]) / name)
+        used.update(mine)
+        if mine:
+            out[name] = mine
+    unused = [k for k in given if k not in used]
+    if unused:
+        raise LmtuneError(f"{', '.join(unused)} appl{'ies' if len(unused) == 1 else 'y'} to none of the compared "
+                          f"methods ({', '.join(methods)})")
+    return out
+
+
+def _data_info(ds) -> dict:
+    return {"path": ds.path, "n": len(ds), "sha256": ds.content_hash()}
+
+
+def _cpu_name() -> str:
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
+
+
+def environment(lm) -> dict:
+    """Where the measurements were taken: versions, threads, CPU and device."""
+    import torch
+
+    import lmtune
+
+    cuda = lm.device.type == "cuda"
+    return {"torch": torch.__version__, "threads": torch.get_num_threads(), "cpu": _cpu_name(),
+            "cpu_count": os.cpu_count(), "device": str(lm.device),
+            "gpu": torch.cuda.get_device_name(lm.device) if cuda else None,
+            "python": platform.python_version(), "platform": platform.platform(), "lmtune": lmtune.__version__}
+
+
+def trainable_params(est) -> int:
+    """Numbers the fitted estimator learned: 0 for zero-shot, d*K (+K with the intercept) for closed-form,
+    the trained parameter count for gradient methods."""
+    if hasattr(est, "fit_info_"):
+        return int(est.fit_info_["trainable_params"])
+    if hasattr(est, "weight_"):
+        return int(est.weight_.size + (est.bias_.size if est.fit_intercept else 0))
+    return 0
+
+
+def run_bytes(folder: Path) -> int:
+    """Bytes of a run folder's learned state: every file but ``card.json``."""
+    return sum(f.stat().st_size for f in Path(folder).rglob("*") if f.is_file() and f.name != "card.json")
+
+
+def _seconds_per_example(est, data, repeats: int = LATENCY_REPEATS):
+    """Median over ``repeats`` of the wall time of ``predict_proba(data)``, per example; and the last output."""
+    times = []
+    for _ in range(repeats):
+        t0 = time.perf_counter()
+        probs = est.predict_proba(data)
+        times.append(time.perf_counter() - t0)
+    return statistics.median(times) / len(data), probs
+
+
+def _fit(est, train, val):
+    from lmtune.methods.tuned import TunedClassifier
+
+    if isinstance(est, TunedClassifier):
+        return est.fit(train, val=val)
+    return est.fit(train)
+
+
+def _build(cls, lm, task, shared: dict, opts: dict):
+    try:
+        return cls(lm, task, **{**shared, **opts})
+    except TypeError as e:  # an option the method does not take, named by Python's message
+        raise LmtuneError(f"{cls.method}: {e}") from None
+
+
+def _measure(name: str, lm, task, train, test, *, val=None, options: dict | None = None, runs_dir: Path,
+            shared: dict, latency_data=None, log: Callable[[str], None] = lambda msg: None) -> dict:
+    """Fit, save, evaluate and time one method; its row of the comparison (keys :data:`ROW_KEYS`)."""
+    from lmtune.evaluate import evaluate
+    from lmtune.merge import MERGEABLE, merged_lm
+    from lmtune.methods import METHODS, ZeroShotClassifier, load_run
+    from lmtune.profiling import PeakMemory, release_free_memory
+
+    row = dict.fromkeys(ROW_KEYS)
+    row["method"] = name
+    est = _build(METHODS[name], lm, task, shared, options or {})
+    cache = est.cache
+    est.cache = False  # cold fit: see the module docstring
+    release_free_memory()
+    log(f"{name}: fitting on {len(train)} records ...")
+    with PeakMemory() as mem:
+        t0 = time.perf_counter()
+        _fit(est, train, val)
+        row["train_seconds"] = time.perf_counter() - t0
+    est.cache = cache
+    batch_size = est.batch_size  # the fresh estimator below predicts in the same batches
+    row.update(peak_rss_bytes=mem.peak_rss_bytes, start_rss_bytes=mem.start_rss_bytes,
+               fit_memory_bytes=mem.delta_bytes, cuda_peak_bytes=mem.cuda_peak_bytes, memory_method=mem.method)
+    result = getattr(est, "train_result_", None)
+    row["train_steps"] = result.steps if result is not None else None
+
+    run = est.save(runs_dir / name)
+    row["run"] = str(run)
+    row["adapter_bytes"] = run_bytes(run)
+    n = trainable_params(est)
+    base = sum(p.numel() for p in lm.model.parameters())
+    row.update(trainable_params=n, base_params=int(base), trainable_share=n / base)
+
+    log(f"{name}: evaluating on {len(test)} records ...")
+    ev = evaluate(est, test)
+    m = ev["metrics"]
+    row.update({k: m[k] for k in ("accuracy", "macro_f1", "nll", "ece", "brier")})
+    if "flips" in ev:
+        row.update(flipped=ev["flips"]["flipped"], net_gain=ev["flips"]["net_gain"])
+    del est
+    release_free_memory()
+
+    if latency_data is not None:
+        log(f"{name}: timing inference on {len(latency_data)} records ...")
+        fresh = load_run(run, model=lm, cache=False, progress=False, batch_size=batch_size)
+        latency, probs = _seconds_per_example(fresh, latency_data)
+        row["latency_ms"] = 1e3 * latency
+        if name in MERGEABLE:
+            merged = ZeroShotClassifier(merged_lm(fresh), fresh.task, cache=False, progress=False,
+                                        batch_size=batch_size).fit()
+            latency, merged_probs = _seconds_per_example(merged, latency_data)
+            row["merged_latency_ms"] = 1e3 * latency
+            row["merged_max_prob_diff"] = float(abs(merged_probs - probs).max())
+            del merged
+        del fresh
+        release_free_memory()
+    return row
+
+
+def compare(model, task, train, test, methods, *, val=None, options: dict | None = None, out=None,
+            progress: bool | None = None, latency_examples: int = 64, batch_size: int | None = None,
+            cache: bool = True, log: Callable[[str], None] | None = None) -> dict:
+    """Fit each method on ``train``, evaluate it on ``test``, and measure its cost.
+
+    Parameters
+    ----------
+    model : LM or str
+        The base model every method adapts (loaded once).
+    task : ClassificationTask
+    train, test : Dataset or str
+        Labeled data, or anything :func:`lmtune.data.open_data` reads.
+    methods : list of str or str
+        Method names from :data:`lmtune.methods.METHODS` (a list or ``"zero-shot,lora"``).
+    val : Dataset, str or None
+        Validation data for the gradient methods (best epoch); the others ignore it.
+    options : dict or None
+        ``{method: {parameter: value}}``: constructor arguments of single methods (``{"lora": {"rank": 4}}``).
+    out : str, Path or None
+        Folder for the runs (``out/runs/<method>``) and the reports (see :func:`write_reports`). None keeps
+        the runs in a temporary folder that is deleted afterwards, and writes no report.
+    progress : bool or None
+        Progress bars of the methods; None shows them only on a terminal.
+    latency_examples : int
+        Test records (the first ones) for the inference timing; 0 skips it.
+    batch_size : int or None
+        Passed to every method (for gradient methods it is also the training batch); None keeps each default.
+    cache : bool
+        Use the on-disk feature cache while evaluating (fits always run cold).
+    log : callable or None
+        Called with a line of text as each step begins.
+
+    Returns
+    -------
+    dict
+        JSON-able: ``{"model", "model_fingerprint", "task", "train", "val", "test"`` (each ``{"path", "n",
+        "sha256"}``, ``val`` None when not given), ``"latency_examples", "rows", "environment",
+        "seconds"}``; ``rows`` holds one dict per method with the keys :data:`ROW_KEYS`.
+    """
+    from lmtune.data import Dataset, open_data
+    from lmtune.models import as_lm
+    from lmtune.runs import check_run_destination
+
+    names = check_methods(methods, options)
+    if not isinstance(latency_examples, int) or latency_examples < 0:
+        raise LmtuneError(f"latency_examples must be a whole number >= 0, got {latency_examples!r}")
+    # Read and check everything before the model loads and minutes of fitting begin.
+    train_ds, test_ds = (d if isinstance(d, Dataset) else open_data(d) for d in (train, test))
+    val_ds = None if val is None else val if isinstance(val, Dataset) else open_data(val)
+    log = log or (lambda msg: None)
+    t_start = time.perf_counter()
+    tmp = None
+    if out is None:
+        tmp = runs_dir = Path(tempfile.mkdtemp(prefix="lmtune-compare-"))
+    else:
+        out = Path(out)
+        if out.exists() and not out.is_dir():
+            raise LmtuneError(f"{out} exists and is not a folder; choose another --out")
+        runs_dir = out / "runs"
+        for name in names:
+            check_run_destination(runs_dir / name)
+    try:
+        lm = as_lm(model)
+        task.encode(lm.tokenizer, test_ds, labeled=True)  # a bad test file fails now, not after the fits
+        shared = {"progress": progress, "cache": cache}
+        if batch_size is not None:
+            shared["batch_size"] = batch_size
+        n_lat = min(latency_examples, len(test_ds))
+        latency_data = test_ds.subset(range(n_lat)) if n_lat else None
+        rows = [_measure(name, lm, task, train_ds, test_ds, val=val_ds, options=(options or {}).get(name),
+                         runs_dir=runs_dir, shared=shared, latency_data=latency_data, log=log)
+                for name in names]
+    finally:
+        if tmp is not None:
+            shutil.rmtree(tmp, ignore_errors=True)
+    if tmp is not None:
+        for r in rows:
+            r["run"] = None
+    elif out is not None:
+        for r in rows:  # relative to the report, so the folder can be moved
+            r["run"] = os.path.relpath(r["run"], out)
+    result = {"model": lm.name, "model_fingerprint": lm.fingerprint, "task": task.to_dict(),
+              "train": _data_info(train_ds), "val": None if val_ds is None else _data_info(val_ds),
+              "test": _data_info(test_ds), "latency_examples": n_lat, "rows": rows, "environment": environment(lm),
+              "seconds": time.perf_counter() - t_start}
+    from lmtune.metrics import to_jsonable
+
+    result = to_jsonable(result)
+    if out is not None:
+        write_reports(result, out)
+    return result
+
+
+# -- writers --------------------------------------------------------------------------------------------
+
+def _atomic(path: Path, write: Callable[[Path], None]) -> Path:
+    """Call ``write(tmp)`` on a temporary file beside ``path`` (same suffix), then rename it over ``path``."""
+    tmp = path.with_name(f".{path.stem}.tmp-{os.getpid()}-{os.urandom(4).hex()}{path.suffix}")
+    try:
+        write(tmp)
+        os.replace(tmp, path)
+    finally:
+        if tmp.exists():
+            tmp.unlink()
+    return path
+
+
+def _text(path: Path, text: str) -> Path:
+    return _atomic(path, lambda tmp: tmp.write_text(text, encoding="utf-8"))
+
+
+def rows_csv(rows: list[dict]) -> str:
+    """The rows as CSV with the :data:`ROW_KEYS` header; None is an empty cell, floats keep every digit."""
+    buf = io.StringIO()
+    w = csv.DictWriter(buf, fieldnames=list(ROW_KEYS), lineterminator="\n")
+    w.writeheader()
+    for r in rows:
+        w.writerow({k: "" if r.get(k) is None else r[k] for k in ROW_KEYS})
+    return buf.getvalue()
+
+
+def write_reports(result: dict, out) -> dict[str, Path]:
+    """Write ``report.md``, ``report.csv``, ``report.json`` and the two plots into ``out``; their paths."""
+    from lmtune.report import compare_markdown, plot_quality
+
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    rows = result["rows"]
+    paths = {
+        "report.md": _text(out / "report.md", compare_markdown(result)),
+        "report.csv": _text(out / "report.csv", rows_csv(rows)),
+        "report.json": _text(out / "report.json", json.dumps(result, indent=2, allow_nan=False) + "\n"),
+    }
+    for fname, key, xlabel, title in (
+            ("quality_vs_params.png", "trainable_params", "trainable parameters (log scale)",
+             "Test accuracy against trainable parameters"),
+            ("quality_vs_time.png", "train_seconds", "training time, s (log scale)",
+             "Test accuracy against training time")):
+        fig = plot_quality(rows, key, xlabel, title)
+        paths[fname] = _atomic(out / fname, lambda tmp: fig.savefig(tmp, format="png"))
+    return paths
