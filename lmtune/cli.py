@@ -180,6 +180,14 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", required=True, help="Folder for the merged model (replaced atomically if it is a run).")
     p.add_argument("--model", default=None, help="Base model (default: the run's).")
 
+    p = sub.add_parser("spectrum", help="Singular values and energy rank of every LoRA update in a run.",
+                       description="The spectrum of each trained update (alpha/r) B A of a lora run: how much of "
+                                   "the rank it uses (the energy rank holds --share of ||BA||_F^2).")
+    p.add_argument("run", help="A lora run folder (or any PEFT LoRA adapter folder).")
+    p.add_argument("--share", type=_number(float, 0.0), default=0.9, help="Energy share (default 0.9).")
+    p.add_argument("--plot", default=None, help="Write a PNG of the spectra and the energy rank per layer.")
+    p.add_argument("--json", action="store_true", help="Print every module's spectrum as one JSON object.")
+
     p = sub.add_parser("demo", help="Zero-shot vs closed-form on the built-in reviews dataset.")
     p.add_argument("--model", default=DEFAULT_MODEL)
     p.add_argument("--out", default=None, help="Also save the fitted closed-form run here.")
@@ -324,6 +332,25 @@ def cmd_merge(args) -> int:
     return 0
 
 
+def cmd_spectrum(args) -> int:
+    from lmtune.lowrank import analyze_adapter
+    from lmtune.report import table
+
+    if not 0 < args.share <= 1:
+        raise LmtuneError(f"--share must lie in (0, 1], got {args.share}")
+    res = analyze_adapter(args.run, share=args.share, plot=args.plot)
+    if args.json:
+        print(json.dumps(res))
+        return 0
+    rows = [{"module": k, **v} for k, v in res["summary"].items()]
+    print(table(rows, [("module", "module"), ("modules", "count"), ("rank", "rank r"),
+                       ("mean_energy_rank", f"mean rank for {args.share:.0%}"), ("min_energy_rank", "min"),
+                       ("max_energy_rank", "max")]))
+    if args.plot:
+        print(f"plot written to {args.plot}")
+    return 0
+
+
 def cmd_demo(args) -> int:
     from lmtune.demo import run_demo
     from lmtune.report import METRIC_COLUMNS, flips_text, table
@@ -371,7 +398,7 @@ def cmd_methods(args) -> int:
     return 0
 
 
-COMMANDS = {"fit": cmd_fit, "eval": cmd_eval, "predict": cmd_predict, "merge": cmd_merge, "demo": cmd_demo, "compare": cmd_compare,
+COMMANDS = {"fit": cmd_fit, "eval": cmd_eval, "predict": cmd_predict, "merge": cmd_merge, "spectrum": cmd_spectrum, "demo": cmd_demo, "compare": cmd_compare,
             "methods": cmd_methods}
 
 

@@ -121,3 +121,116 @@ def plot_spectrum(spectra: dict[str, torch.Tensor], path, share: float = 0.9) ->
     fig.tight_layout()
     fig.savefig(path, dpi=120)
     plt.close(fig)
+
+
+def adapter_spectra(run) -> dict[str, torch.Tensor]:
+    """Singular values of every LoRA update ``(alpha / r) B A`` in a PEFT adapter folder (an lmtune lora run).
+
+    Keys are the adapted modules' names (``model.layers.3.self_attn.q_proj``). AdaLoRA's SVD-form
+    ``P diag(lambda) Q`` and DoRA's magnitude vector are not plain ``B A`` pairs and are refused.
+    """
+    import json
+    from pathlib import Path
+
+    from safetensors.torch import load_file
+
+    from lmtune.errors import LmtuneError
+
+    folder = Path(run)
+    cfg_path, weights = folder / "adapter_config.json", folder / "adapter_model.safetensors"
+    if not cfg_path.is_file() or not weights.is_file():
+        raise LmtuneError(f"{folder}: not a LoRA adapter folder (adapter_config.json and adapter_model.safetensors)")
+    cfg = json.loads(cfg_path.read_text())
+    if cfg.get("peft_type") != "LORA" or cfg.get("use_dora"):
+        raise LmtuneError(f"{folder}: a {cfg.get('peft_type')}{' (DoRA)' if cfg.get('use_dora') else ''} adapter; "
+                          "the spectrum analysis reads plain LoRA updates B A")
+    tensors = load_file(str(weights))
+    out = {}
+    for key, A in tensors.items():
+        if ".lora_A." not in key:
+            continue
+        module = key.split(".lora_A.")[0].removeprefix("base_model.model.")
+        B = tensors[key.replace(".lora_A.", ".lora_B.")]
+        r = A.shape[0]
+        short = module.rsplit(".", 1)[-1]
+        rank = cfg.get("rank_pattern", {}).get(short, r) if cfg.get("rank_pattern") else r
+        alpha = (cfg.get("alpha_pattern") or {}).get(short, cfg.get("lora_alpha", r))
+        scaling = alpha / (rank ** 0.5 if cfg.get("use_rslora") else rank)
+        out[module] = lora_singular_values(B.double(), A.double(), scaling)
+    if not out:
+        raise LmtuneError(f"{folder}: the adapter holds no lora_A/lora_B pairs")
+    return dict(sorted(out.items(), key=lambda kv: _module_order(kv[0])))
+
+
+def _module_order(name: str):
+    import re
+
+    m = re.search(r"\.(\d+)\.", name)
+    return (int(m.group(1)) if m else -1, name)
+
+
+def analyze_adapter(run, share: float = 0.9, plot=None) -> dict:
+    """Spectrum and energy rank of every LoRA update in ``run``, a summary per module kind, and a PNG.
+
+    Returns ``{"share", "modules": {name: spectrum_report}, "summary": {kind: {mean/min/max energy rank,
+    rank r}}}``; ``plot`` (a path) gets the cumulative-energy curves, coloured by module kind, and the energy
+    rank per layer.
+    """
+    spectra = adapter_spectra(run)
+    modules = {name: spectrum_report(s, share) for name, s in spectra.items()}
+    kinds: dict[str, list[int]] = {}
+    for name, rep in modules.items():
+        kinds.setdefault(name.rsplit(".", 1)[-1], []).append(rep["energy_rank"])
+    summary = {k: {"modules": len(v), "rank": len(next(m for n, m in modules.items()
+                                                         if n.endswith("." + k))["singular_values"]),
+                   "mean_energy_rank": sum(v) / len(v), "min_energy_rank": min(v), "max_energy_rank": max(v)}
+               for k, v in kinds.items()}
+    if plot is not None:
+        plot_adapter_spectra(modules, plot, share)
+    return {"share": share, "modules": modules, "summary": summary}
+
+
+def plot_adapter_spectra(modules: dict[str, dict], path, share: float = 0.9) -> None:
+    """Two panels: each update's cumulative energy (coloured by module kind) and its energy rank per layer.
+
+    Written to a temporary file and renamed, so an existing plot is never left half-written.
+    """
+    import os
+    import tempfile
+    from pathlib import Path
+
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.figure import Figure
+    from matplotlib.ticker import MaxNLocator
+
+    fig = Figure(figsize=(10, 4))
+    FigureCanvasAgg(fig)
+    ax1, ax2 = fig.subplots(1, 2)
+    kinds = sorted({n.rsplit(".", 1)[-1] for n in modules})
+    colours = {k: f"C{i}" for i, k in enumerate(kinds)}
+    for name, rep in modules.items():
+        kind = name.rsplit(".", 1)[-1]
+        ks = range(1, len(rep["cumulative_energy"]) + 1)
+        ax1.plot(ks, rep["cumulative_energy"], color=colours[kind], alpha=0.35, linewidth=1)
+    for k in kinds:
+        ax1.plot([], [], color=colours[k], label=k)
+        pts = [(_module_order(n)[0], rep["energy_rank"]) for n, rep in modules.items() if n.endswith("." + k)]
+        ax2.plot([p[0] for p in pts], [p[1] for p in pts], marker="o", color=colours[k], label=k)
+    ax1.axhline(share, color="grey", linestyle="--", linewidth=1)
+    ax1.set(xlabel="number of singular values k", ylabel="share of ||ΔW||²_F in the top k", ylim=(0, 1.02),
+            title="LoRA update spectra")
+    ax2.set(xlabel="layer", ylabel=f"rank holding {share:.0%} of the energy", title="energy rank per layer")
+    for axis in (ax1.xaxis, ax2.xaxis, ax2.yaxis):
+        axis.set_major_locator(MaxNLocator(integer=True))
+    ax1.legend(fontsize=8)
+    ax2.legend(fontsize=8)
+    fig.tight_layout()
+    path = Path(path)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".png", dir=path.parent)
+    os.close(fd)
+    try:
+        fig.savefig(tmp, dpi=120)
+        os.replace(tmp, path)
+    finally:
+        if os.path.exists(tmp):
+            os.unlink(tmp)

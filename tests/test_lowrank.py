@@ -78,3 +78,33 @@ def test_bad_arguments(D):
         best_rank(D[0], 1)
     with pytest.raises(ValueError, match="expected B"):
         lora_singular_values(torch.ones(3, 2), torch.ones(3, 4))
+
+
+def test_adapter_spectra_of_a_trained_lora_run(tiny_lm, review_task, tmp_path, capsys):
+    import json
+
+    from safetensors.torch import load_file
+
+    from lmtune.cli import main
+    from lmtune.data import Dataset, open_data
+    from lmtune.lowrank import analyze_adapter
+    from lmtune.methods import LoraClassifier
+
+    tr = open_data("builtin:reviews:train")
+    data = Dataset(tr.records[:16], tr.lines[:16], tr.path)
+    run = LoraClassifier(tiny_lm, review_task, rank=4, alpha=8, lr=0.05, epochs=2, progress=False,
+                         cache=False).fit(data).save(tmp_path / "run")
+    res = analyze_adapter(run, share=0.9, plot=tmp_path / "spectrum.png")
+    assert (tmp_path / "spectrum.png").stat().st_size > 1000
+    assert set(res["summary"]) == {"q_proj", "v_proj"} and len(res["modules"]) == 4  # 2 layers x 2 targets
+    # The QR route agrees with a plain SVD of the full update (alpha / r) B A.
+    t = load_file(str(run / "adapter_model.safetensors"))
+    name = "model.layers.1.self_attn.q_proj"
+    A = t[f"base_model.model.{name}.lora_A.weight"].double()
+    B = t[f"base_model.model.{name}.lora_B.weight"].double()
+    direct = torch.linalg.svdvals(2.0 * B @ A)[:4]
+    assert torch.allclose(torch.tensor(res["modules"][name]["singular_values"], dtype=torch.float64), direct,
+                          atol=1e-10)
+    assert all(1 <= rep["energy_rank"] <= 4 for rep in res["modules"].values())
+    assert main(["spectrum", str(run), "--json"]) == 0
+    assert json.loads(capsys.readouterr().out)["summary"]["q_proj"]["rank"] == 4

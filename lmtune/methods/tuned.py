@@ -44,6 +44,7 @@ from lmtune.features import label_head, show_progress
 from lmtune.metrics import classification_report
 from lmtune.methods.base import LabelTokenClassifier, as_dataset, softmax
 from lmtune.models import DEFAULT_MODEL, LM
+from lmtune.profiling import PeakMemory
 from lmtune.runs import write_run
 
 # Backbones whose forward uses inputs_embeds as given (Gemma, for one, scales them by sqrt(d)).
@@ -309,10 +310,9 @@ class TunedClassifier(LabelTokenClassifier):
         self._init_state(lm)
         cfg = self.train_config(len(seqs))
         t0 = time.perf_counter()
-        peak0 = _peak_rss()
         was_training = lm.model.training
         gc_was = self.gradient_checkpointing and getattr(lm.model, "is_activation_checkpointing", False)
-        with self._attach(lm, train=True) as params:
+        with PeakMemory() as mem, self._attach(lm, train=True) as params:
             start = self._frozen_below(lm)
             lower = self._lower_cache(lm, seqs, start)
             lower_seconds = time.perf_counter() - t0
@@ -351,7 +351,8 @@ class TunedClassifier(LabelTokenClassifier):
                           "trainable_share": n_trainable / n_total, "train_seconds": time.perf_counter() - t0,
                           "lower_cache_seconds": lower_seconds if lower is not None else None,
                           "reused_lower_layers": start if lower is not None else 0,
-                          "peak_rss_bytes": _peak_rss(), "peak_rss_at_start_bytes": peak0,
+                          "peak_rss_bytes": mem.peak_rss_bytes, "rss_at_start_bytes": mem.start_rss_bytes,
+                          "cuda_peak_bytes": mem.cuda_peak_bytes,
                           "train": result.to_dict(), "config": cfg.to_dict(), "data_sha256": ds.content_hash(),
                           "truncated_prompts": enc.n_truncated}
         return self
@@ -415,11 +416,3 @@ class TunedClassifier(LabelTokenClassifier):
         est.fit_info_ = card.get("training", {})
         return est
 
-
-def _peak_rss() -> int:
-    """Peak resident set size of this process so far, in bytes (Linux ru_maxrss is in KiB)."""
-    import resource
-    import sys
-
-    r = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
-    return int(r if sys.platform == "darwin" else r * 1024)
