@@ -31,7 +31,6 @@ import shutil
 import tempfile
 import weakref
 from pathlib import Path
-from typing import ClassVar
 
 import torch
 

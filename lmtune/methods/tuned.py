@@ -30,7 +30,6 @@ Design
 from __future__ import annotations
 
 import contextlib
-import math
 import time
 from pathlib import Path
 from typing import ClassVar, Iterator
@@ -38,9 +37,8 @@ from typing import ClassVar, Iterator
 import numpy as np
 import torch
 
-from lmtune.data import Dataset
 from lmtune.errors import LmtuneError
-from lmtune.features import label_head, show_progress
+from lmtune.features import extract
 from lmtune.metrics import classification_report
 from lmtune.methods.base import LabelTokenClassifier, as_dataset, softmax
 from lmtune.models import DEFAULT_MODEL, LM
@@ -381,7 +379,13 @@ class TunedClassifier(LabelTokenClassifier):
         enc = task.encode(lm.tokenizer, ds, labeled=labeled)
         t0 = time.perf_counter()
         with self.attached():
-            logits = self._logits_of(lm, enc.input_ids, label_ids)
+            if self._virtual_prefix(1) is None:
+                # The adapted model is a model like any other: the fast extraction path (shared prefix
+                # computed once, length-sorted batches) applies unchanged, without the disk cache.
+                logits = extract(lm, enc.input_ids, label_ids.tolist(), batch_size=max(self.batch_size, 16),
+                                 progress=self.progress, desc=f"{self.method}: {ds.path}").L.astype(np.float64)
+            else:
+                logits = self._logits_of(lm, enc.input_ids, label_ids)
         self.last_predict_seconds_ = time.perf_counter() - t0
         base_logits = None
         if base:
