@@ -260,6 +260,8 @@ def cmd_fit(args) -> int:
     # otherwise accept a malformed --train without a word.
     data = open_data(args.train)
     est = METHODS[args.method](args.model, task, **kwargs).fit(data)
+    if int(os.environ.get("RANK", "0")) != 0:  # under torchrun every process trained the same model; one saves
+        return 0
     path = est.save(args.out)
     card = json.loads((Path(path) / "card.json").read_text())
     if args.json:

@@ -95,3 +95,32 @@ def test_kill_resume_from_the_cli_matches_an_uninterrupted_run(tiny_model_dir, f
     assert second["training"]["train"]["resumed_from_step"] == first["training"]["train"]["steps"]
     a = (tmp_path / "a" / "adapter_model.safetensors").read_bytes()
     assert a == (tmp_path / "b" / "adapter_model.safetensors").read_bytes()
+
+
+def test_fit_runs_unchanged_under_torchrun(tiny_model_dir, files, tmp_path):
+    """Two gloo processes, each half of every batch, give the single-process adapter (dropout off)."""
+    import os
+    import socket
+    import subprocess
+    import sys
+
+    from safetensors.torch import load_file
+
+    args = ["fit", "--model", str(tiny_model_dir), "--train", str(files / "train.jsonl"), "--template", TEMPLATE,
+            "--label-words", LABELS, "--no-cache", "--method", "lora", "--dropout", "0", "--epochs", "2",
+            "--lr", "0.01", "--batch-size", "8", "--json"]
+    assert main([*args, "--out", str(tmp_path / "one")]) == 0
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    proc = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2",
+                           "--master_port", str(port), "-m", "lmtune.cli", *args, "--out", str(tmp_path / "two")],
+                          env=env, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    one = load_file(str(tmp_path / "one" / "adapter_model.safetensors"))
+    two = load_file(str(tmp_path / "two" / "adapter_model.safetensors"))
+    assert one.keys() == two.keys()
+    for k in one:
+        np.testing.assert_allclose(two[k].numpy(), one[k].numpy(), atol=1e-5, rtol=1e-4)
+    assert max(float(one[k].abs().max()) for k in one if "lora_B" in k) > 1e-3  # B moved away from zero
