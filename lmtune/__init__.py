@@ -16,12 +16,18 @@ from lmtune.data import Dataset, Template, load_builtin, open_data, read_records
 from lmtune.errors import DataError, LmtuneError
 from lmtune.evaluate import evaluate, predict_records
 from lmtune.features import Features, cached_extract, extract
-from lmtune.methods import METHODS, ClosedFormClassifier, ZeroShotClassifier, load_run
+from lmtune.merge import merge
+from lmtune.methods import (METHODS, AdaLoraClassifier, AdapterClassifier, ClosedFormClassifier, FullClassifier,
+                            LastLayersClassifier, LoraClassifier, NormTuningClassifier, PromptTuningClassifier,
+                            ZeroShotClassifier, load_run)
 from lmtune.models import DEFAULT_MODEL, LM, load_model
+from lmtune.switch import AdapterSwitch
 from lmtune.tasks import ClassificationTask
 
 __all__ = [
-    "DEFAULT_MODEL", "LM", "METHODS", "ClassificationTask", "ClosedFormClassifier", "DataError", "Dataset",
-    "Features", "LmtuneError", "Template", "ZeroShotClassifier", "cached_extract", "evaluate", "extract",
-    "load_builtin", "load_model", "load_run", "open_data", "predict_records", "read_records",
+    "DEFAULT_MODEL", "LM", "METHODS", "AdaLoraClassifier", "AdapterClassifier", "AdapterSwitch",
+    "ClassificationTask", "ClosedFormClassifier", "DataError", "Dataset", "Features", "FullClassifier",
+    "LastLayersClassifier", "LmtuneError", "LoraClassifier", "NormTuningClassifier", "PromptTuningClassifier",
+    "Template", "ZeroShotClassifier", "cached_extract", "evaluate", "extract", "load_builtin", "load_model",
+    "load_run", "merge", "open_data", "predict_records", "read_records",
 ]
