@@ -184,3 +184,25 @@ def test_unfitted_and_bad_options_fail_clearly(tiny_lm, review_task, small):
         fitted(tiny_lm, review_task, small[0], "last-layers", layers=5)
     with pytest.raises(LmtuneError, match="placement"):
         fitted(tiny_lm, review_task, small[0], "adapter", placement="middle")
+
+
+def test_frozen_lower_layers_with_a_shared_prompt_prefix_are_exact(tiny_lm, small):
+    """A long common instruction runs once through the frozen layers; the cached states equal a plain pass."""
+    from lmtune.methods.tuned import layer_range, pad_batch
+    from lmtune.tasks import ClassificationTask
+
+    task = ClassificationTask("Is this review positive or not ? Answer yes or no . Review: {text}",
+                              {"negative": "no", "positive": "yes"})
+    train, test = small
+    est = METHODS["last-layers"](tiny_lm, task, layers=1, progress=False, cache=False)
+    seqs = task.encode(tiny_lm.tokenizer, train).input_ids[:6]
+    cached = est._lower_cache(tiny_lm, seqs, 1)
+    with torch.no_grad(), layer_range(tiny_lm, 0, 1, final_norm=False) as low:
+        for s, h in zip(seqs, cached):
+            ids, mask, _ = pad_batch([s], 0, "cpu")
+            direct = low(input_ids=ids, attention_mask=mask).last_hidden_state[0]
+            assert h.shape == direct.shape
+            torch.testing.assert_close(h, direct, atol=1e-5, rtol=1e-5)
+    a = fitted(tiny_lm, task, train, "lora", layers=1, lr=1e-2, epochs=2)
+    b = fitted(tiny_lm, task, train, "lora", layers=1, lr=1e-2, epochs=2, reuse_lower=False)
+    np.testing.assert_allclose(a.label_logits(test)[0], b.label_logits(test)[0], atol=1e-4)

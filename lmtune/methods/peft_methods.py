@@ -206,11 +206,15 @@ class LoraClassifier(PeftClassifier):
         self.init = init
         self.dora = dora
 
-    def _targets(self):
+    def _targets(self, lm: LM) -> list[str]:
+        """Module names to adapt; all-linear means every linear layer inside the transformer blocks."""
         t = [x.strip() for x in str(self.target).split(",") if x.strip()]
         if not t:
             raise LmtuneError("target: name at least one module (q_proj,v_proj) or all-linear")
-        return "all-linear" if t == ["all-linear"] else t
+        if t == ["all-linear"]:  # spelled out, so that PEFT also accepts it with layers_to_transform
+            t = sorted({n.rsplit(".", 1)[-1] for n, m in backbone_of(lm).layers.named_modules()
+                        if isinstance(m, torch.nn.Linear)})
+        return t
 
     def _peft_config(self, lm: LM, n_steps: int):
         from peft import LoraConfig
@@ -221,7 +225,7 @@ class LoraClassifier(PeftClassifier):
         if self.init not in inits:
             raise LmtuneError(f"init must be one of {', '.join(inits)}, got {self.init!r}")
         return LoraConfig(r=self.rank, lora_alpha=self.alpha, lora_dropout=self.dropout,
-                          target_modules=self._targets(), layers_to_transform=parse_layers(self.layers, n_layers(lm)),
+                          target_modules=self._targets(lm), layers_to_transform=parse_layers(self.layers, n_layers(lm)),
                           init_lora_weights=inits[self.init], use_dora=self.dora, bias="none")
 
     def _frozen_below(self, lm: LM) -> int:
@@ -280,7 +284,7 @@ class AdaLoraClassifier(PeftClassifier):
                               f"tinit {tinit} + tfinal {tfinal}; train longer or lower tinit/tfinal")
         self._total_step = n_steps
         return AdaLoraConfig(init_r=self.init_rank, target_r=self.target_rank, lora_alpha=self.alpha,
-                             lora_dropout=self.dropout, target_modules=LoraClassifier._targets(self),
+                             lora_dropout=self.dropout, target_modules=LoraClassifier._targets(self, lm),
                              total_step=n_steps, tinit=tinit, tfinal=tfinal, deltaT=1,
                              orth_reg_weight=self.orth_reg)
 

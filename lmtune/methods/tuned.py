@@ -36,9 +36,10 @@ from typing import ClassVar, Iterator
 
 import numpy as np
 import torch
+from transformers import DynamicCache
 
 from lmtune.errors import LmtuneError
-from lmtune.features import extract
+from lmtune.features import MIN_SHARED_PREFIX, _batch_cache, common_prefix_length, extract
 from lmtune.metrics import classification_report
 from lmtune.methods.base import LabelTokenClassifier, as_dataset, softmax
 from lmtune.models import DEFAULT_MODEL, LM
@@ -244,16 +245,33 @@ class TunedClassifier(LabelTokenClassifier):
         pad = lm.tokenizer.pad_token_id if lm.tokenizer.pad_token_id is not None else 0
         out: list[torch.Tensor | None] = [None] * len(seqs)
         order = sorted(range(len(seqs)), key=lambda i: len(seqs[i]), reverse=True)
+        # The prompts' common token prefix runs once, as in feature extraction; its hidden states are
+        # shared by every example and its keys/values serve every batch (exact: causal attention).
+        P = common_prefix_length(seqs)
+        P = P if P >= MIN_SHARED_PREFIX else 0
+        bs = max(self.batch_size, 16)
         was_training = lm.model.training
         lm.model.eval()
         try:
             with layer_range(lm, 0, start, final_norm=False) as low:
-                for b in range(0, len(order), max(self.batch_size, 16)):
-                    idx = order[b:b + max(self.batch_size, 16)]
-                    ids, mask, lengths = pad_batch([seqs[i] for i in idx], pad, lm.device)
-                    h = low(input_ids=ids, attention_mask=mask, use_cache=False).last_hidden_state
+                if P:
+                    cache = DynamicCache(config=low.config)
+                    prefix = torch.tensor([seqs[0][:P]], device=lm.device)
+                    head = low(input_ids=prefix, past_key_values=cache, use_cache=True).last_hidden_state[0].cpu()
+                    kv = [(layer.keys, layer.values) for layer in cache.layers[:start]]
+                for b in range(0, len(order), bs):
+                    idx = order[b:b + bs]
+                    ids, mask, lengths = pad_batch([seqs[i][P:] for i in idx], pad, lm.device)
+                    kwargs = {"use_cache": False}
+                    if P:
+                        B, T = ids.shape
+                        mask = torch.cat([torch.ones((B, P), dtype=mask.dtype, device=mask.device), mask], dim=1)
+                        kwargs = {"past_key_values": _batch_cache(low, kv, B), "use_cache": True,
+                                  "position_ids": (P + torch.arange(T, device=lm.device)).expand(B, -1)}
+                    h = low(input_ids=ids, attention_mask=mask, **kwargs).last_hidden_state.cpu()
                     for r, i in enumerate(idx):
-                        out[i] = h[r, :int(lengths[r])].detach().cpu().clone()
+                        part = h[r, :int(lengths[r])]
+                        out[i] = torch.cat([head, part]) if P else part.clone()
         finally:
             lm.model.train(was_training)
         return out
