@@ -188,7 +188,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--plot", default=None, help="Write a PNG of the spectra and the energy rank per layer.")
     p.add_argument("--json", action="store_true", help="Print every module's spectrum as one JSON object.")
 
-    p = sub.add_parser("demo", help="Zero-shot vs closed-form on the built-in reviews dataset.")
+    p = sub.add_parser("demo", help="Zero-shot vs closed-form vs LoRA on the built-in reviews dataset.")
+    p.add_argument("--no-lora", action="store_true", help="Skip the LoRA training (a few minutes on a CPU).")
     p.add_argument("--model", default=DEFAULT_MODEL)
     p.add_argument("--out", default=None, help="Also save the fitted closed-form run here.")
     p.add_argument("--json", action="store_true", help="Print the results as one JSON object.")
@@ -358,7 +359,7 @@ def cmd_demo(args) -> int:
     from lmtune.report import METRIC_COLUMNS, flips_text, table
 
     log = (lambda *a: None) if args.json else (lambda msg: print(msg, file=sys.stderr))
-    res = run_demo(args.model, progress=False if args.json else None, out=args.out, log=log)
+    res = run_demo(args.model, progress=False if args.json else None, out=args.out, log=log, lora=not args.no_lora)
     if args.json:
         print(json.dumps(res))
         return 0
@@ -400,7 +401,8 @@ def cmd_methods(args) -> int:
     return 0
 
 
-COMMANDS = {"fit": cmd_fit, "eval": cmd_eval, "predict": cmd_predict, "merge": cmd_merge, "spectrum": cmd_spectrum, "demo": cmd_demo, "compare": cmd_compare,
+COMMANDS = {"fit": cmd_fit, "eval": cmd_eval, "predict": cmd_predict, "merge": cmd_merge, "spectrum": cmd_spectrum,
+            "demo": cmd_demo, "compare": cmd_compare,
             "methods": cmd_methods}
 
 

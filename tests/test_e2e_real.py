@@ -75,3 +75,35 @@ def test_gguf_cache_matches_the_gguf_and_reloads_fast(real_lm):
     ids = real_lm.tokenizer("The service was slow but the food was great.", return_tensors="pt")["input_ids"]
     with torch.no_grad():
         torch.testing.assert_close(direct(ids).logits, real_lm.model(ids).logits, rtol=0, atol=0)
+
+
+@pytest.fixture(scope="module")
+def lora_run(real_lm):
+    """LoRA on q_proj and v_proj of the top 4 blocks, trained on half of the training split."""
+    train = lmtune.open_data("builtin:reviews:train")
+    half = lmtune.Dataset(train.records[::2], train.lines[::2], train.path)
+    est = lmtune.LoraClassifier(real_lm, demo_task(), rank=8, alpha=16, target="q_proj,v_proj", layers=4, lr=1e-2,
+                                epochs=3, batch_size=8, progress=False)
+    return est.fit(half)
+
+
+def test_lora_beats_zero_shot_on_the_builtin_dataset(fitted, lora_run):
+    zs, _ = fitted
+    ev = lmtune.evaluate(lora_run, "builtin:reviews:test")
+    zs_acc = lmtune.evaluate(zs, "builtin:reviews:test")["metrics"]["accuracy"]
+    assert ev["metrics"]["accuracy"] >= zs_acc + 0.15, (zs_acc, ev["metrics"])
+    assert ev["metrics"]["nll"] < ev["zero_shot"]["nll"]
+    info = lora_run.fit_info_
+    assert info["reused_lower_layers"] == 26  # the 26 frozen blocks ran once, not every epoch
+    assert info["trainable_share"] < 0.02
+    losses = [h["train_loss"] for h in info["train"]["history"]]
+    assert losses[-1] < losses[0]
+
+
+def test_merged_real_lora_predicts_like_the_adapter(lora_run):
+    from lmtune.merge import merged_lm
+
+    data = lmtune.open_data("builtin:reviews:test")
+    few = lmtune.Dataset(data.records[:24], data.lines[:24], data.path)
+    merged = lmtune.ZeroShotClassifier(merged_lm(lora_run), lora_run.task, progress=False, cache=False).fit()
+    np.testing.assert_allclose(merged.predict_proba(few), lora_run.predict_proba(few), atol=1e-4)
