@@ -2,73 +2,97 @@
 
 from __future__ import annotations
 
-import numpy as np
 import pytest
 
-from lmtune import profiling
-from lmtune.profiling import PeakMemory, current_rss, release_free_memory
+from lmtune.profiling import PeakMemory
 
 MB = 1 << 20
 SIZE = 200 * MB
 
 
-def _allocate_and_free(nbytes: int) -> None:
-    a = np.ones(nbytes // 8)  # ones, not empty: untouched pages are never resident
-    assert a.sum() == nbytes // 8
+def _in_fresh_process(body: str) -> dict:
+    """Run ``body`` in a new interpreter and return the JSON it prints.
+
+    Resident memory belongs to the whole process: in the long-lived test process, memory that earlier
+    tests left to the allocator or to the page cache can come back into the resident set during a block
+    and move its peak. A fresh process measures only the block.
+    """
+    import json
+    import subprocess
+    import sys
+    import textwrap
+
+    head = f"""
+import json, time, numpy as np
+from lmtune import profiling
+from lmtune.profiling import PeakMemory, current_rss, release_free_memory
+MB, SIZE = {MB}, {SIZE}
+def alloc(n):
+    a = np.ones(n // 8)  # ones, not empty: untouched pages are never resident
+    assert a.sum() == n // 8
+    time.sleep(0.05)  # long enough for the sampling fallback to see it
     del a
-
-
-def _check_block_peak(mem: PeakMemory) -> None:
-    # The array is freed inside the block, so only a peak measurement (not the end RSS) can see it.
-    assert mem.peak_rss_bytes - mem.start_rss_bytes >= 0.9 * SIZE
-    assert mem.peak_rss_bytes - mem.start_rss_bytes < SIZE + 100 * MB
-    assert current_rss() < mem.start_rss_bytes + 0.5 * SIZE
+"""
+    proc = subprocess.run([sys.executable, "-c", head + textwrap.dedent(body)], capture_output=True, text=True)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    return json.loads(proc.stdout)
 
 
 def test_peak_sees_a_freed_array():
-    release_free_memory()
-    with PeakMemory() as mem:
-        _allocate_and_free(SIZE)
-    assert mem.method in ("clear_refs", "sampling")
-    _check_block_peak(mem)
-    assert mem.to_dict()["delta_rss_bytes"] == mem.delta_bytes
+    out = _in_fresh_process("""
+        release_free_memory()
+        with PeakMemory() as mem:
+            alloc(SIZE)
+        print(json.dumps({**mem.to_dict(), "end": current_rss()}))
+    """)
+    assert out["method"] in ("clear_refs", "sampling")
+    assert out["delta_rss_bytes"] == out["peak_rss_bytes"] - out["start_rss_bytes"]
+    # The array is freed inside the block, so only a peak measurement (not the end RSS) can see it.
+    assert 0.9 * SIZE <= out["delta_rss_bytes"] < SIZE + 100 * MB
+    assert out["end"] < out["start_rss_bytes"] + 0.5 * SIZE
 
 
 def test_a_later_block_does_not_inherit_an_earlier_peak():
-    release_free_memory()
-    with PeakMemory():
-        _allocate_and_free(SIZE)
-    release_free_memory()
-    with PeakMemory() as small:
-        _allocate_and_free(10 * MB)
-    if small.method != "clear_refs":
+    out = _in_fresh_process("""
+        release_free_memory()
+        with PeakMemory():
+            alloc(SIZE)
+        release_free_memory()
+        with PeakMemory() as small:
+            alloc(10 * MB)
+        print(json.dumps(small.to_dict()))
+    """)
+    if out["method"] != "clear_refs":
         pytest.skip("the kernel high-water mark cannot be reset here")
-    assert small.delta_bytes < 60 * MB
+    assert out["delta_rss_bytes"] < 60 * MB
 
 
-def test_sampling_fallback(monkeypatch):
-    monkeypatch.setattr(profiling, "_CLEAR_REFS", profiling.Path("/nonexistent/clear_refs"))
-    release_free_memory()
-    with PeakMemory(interval=0.001) as mem:
-        a = np.ones(SIZE // 8)
-        import time
-        time.sleep(0.05)  # let the sampler see it
-        del a
-    assert mem.method == "sampling"
-    _check_block_peak(mem)
+def test_sampling_fallback():
+    out = _in_fresh_process("""
+        profiling._CLEAR_REFS = profiling.Path("/nonexistent/clear_refs")
+        release_free_memory()
+        with PeakMemory(interval=0.001) as mem:
+            alloc(SIZE)
+        print(json.dumps(mem.to_dict()))
+    """)
+    assert out["method"] == "sampling"
+    assert 0.9 * SIZE <= out["delta_rss_bytes"] < SIZE + 100 * MB
 
 
 def test_nested_blocks_keep_the_outer_peak():
-    release_free_memory()
-    with PeakMemory() as outer:
-        _allocate_and_free(SIZE)
+    out = _in_fresh_process("""
         release_free_memory()
-        with PeakMemory() as inner:
-            _allocate_and_free(10 * MB)
-    if outer.method != "clear_refs":
+        with PeakMemory() as outer:
+            alloc(SIZE)
+            release_free_memory()
+            with PeakMemory() as inner:
+                alloc(10 * MB)
+        print(json.dumps({"outer": outer.to_dict(), "inner": inner.to_dict()}))
+    """)
+    if out["outer"]["method"] != "clear_refs":
         pytest.skip("the kernel high-water mark cannot be reset here")
-    assert outer.delta_bytes >= 0.9 * SIZE  # the inner reset did not erase it
-    assert inner.delta_bytes < 60 * MB
+    assert out["outer"]["delta_rss_bytes"] >= 0.9 * SIZE  # the inner reset did not erase it
+    assert out["inner"]["delta_rss_bytes"] < 60 * MB
 
 
 def test_cuda_peak():
