@@ -206,3 +206,11 @@ def test_frozen_lower_layers_with_a_shared_prompt_prefix_are_exact(tiny_lm, smal
     a = fitted(tiny_lm, task, train, "lora", layers=1, lr=1e-2, epochs=2)
     b = fitted(tiny_lm, task, train, "lora", layers=1, lr=1e-2, epochs=2, reuse_lower=False)
     np.testing.assert_allclose(a.label_logits(test)[0], b.label_logits(test)[0], atol=1e-4)
+
+
+def test_gradient_checkpointing_gives_the_same_training(tiny_lm, review_task, small):
+    train, test = small
+    a = fitted(tiny_lm, review_task, train, "lora", lr=1e-2, epochs=2, dropout=0.0)
+    b = fitted(tiny_lm, review_task, train, "lora", lr=1e-2, epochs=2, dropout=0.0, gradient_checkpointing=True)
+    np.testing.assert_allclose(a.label_logits(test)[0], b.label_logits(test)[0], atol=1e-5)
+    assert not getattr(tiny_lm.model, "is_activation_checkpointing", False)  # switched off again
