@@ -24,13 +24,16 @@ def merged_lm(est) -> LM:
     """A new :class:`LM` whose weights have ``est``'s adapter folded in (``est`` is a fitted LoRA-family run)."""
     from peft import PeftModel
 
+    from lmtune.methods.peft_methods import quiet_peft
+
     if est.method not in MERGEABLE:
         raise LmtuneError(f"only {', '.join(MERGEABLE)} adapters can be merged into the base weights; "
                           f"this run is {est.method}")
     est._check_fitted()
     base = est.lm
     model = copy.deepcopy(base.model)
-    merged = PeftModel.from_pretrained(model, str(est.adapter_dir_)).merge_and_unload()
+    with quiet_peft():
+        merged = PeftModel.from_pretrained(model, str(est.adapter_dir_)).merge_and_unload()
     merged.eval()
     h = hashlib.sha256(base.fingerprint.encode())
     h.update((Path(est.adapter_dir_) / "adapter_model.safetensors").read_bytes())

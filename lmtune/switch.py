@@ -18,6 +18,7 @@ import torch
 from lmtune.errors import LmtuneError
 from lmtune.merge import MERGEABLE
 from lmtune.methods.base import as_dataset, softmax
+from lmtune.methods.peft_methods import quiet_peft
 
 
 class AdapterSwitch:
@@ -56,8 +57,9 @@ class AdapterSwitch:
         from peft import PeftModel
 
         names = self.names
-        pm = PeftModel.from_pretrained(self.lm.model, str(self.estimators[names[0]].adapter_dir_),
-                                       adapter_name=names[0], is_trainable=False)
+        with quiet_peft():
+            pm = PeftModel.from_pretrained(self.lm.model, str(self.estimators[names[0]].adapter_dir_),
+                                           adapter_name=names[0], is_trainable=False)
         for name in names[1:]:
             pm.load_adapter(str(self.estimators[name].adapter_dir_), adapter_name=name, is_trainable=False)
         self._pm = pm

@@ -29,6 +29,7 @@ import contextlib
 import math
 import shutil
 import tempfile
+import warnings
 import weakref
 from pathlib import Path
 
@@ -61,6 +62,14 @@ def parse_layers(spec, total: int) -> list[int] | None:
     if bad or not out:
         raise LmtuneError(f"layers: {spec!r} names layers outside 0..{total - 1}")
     return sorted(set(out))
+
+
+@contextlib.contextmanager
+def quiet_peft():
+    """PEFT still asks transformers for the renamed ``is_gradient_checkpointing``: not the user's concern."""
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message=".*is_gradient_checkpointing.*")
+        yield
 
 
 def _private_dir(owner) -> Path:
@@ -96,9 +105,26 @@ class PeftClassifier(TunedClassifier):
 
     @contextlib.contextmanager
     def _attach(self, lm: LM, train: bool):
+        flags = {n: p.requires_grad for n, p in lm.model.named_parameters()}
+        with quiet_peft():
+            pm, backup = self._wrap(lm, train)
+        self._pm = pm
+        try:
+            yield {n: p for n, p in pm.named_parameters() if p.requires_grad}
+        finally:
+            self._pm = None
+            self._detach(pm, lm)
+            if backup is not None:
+                with torch.no_grad():
+                    for name, w in backup.items():
+                        lm.model.get_parameter(name).copy_(w)
+            for n, p in lm.model.named_parameters():
+                p.requires_grad_(flags.get(n, p.requires_grad))
+
+    def _wrap(self, lm: LM, train: bool):
+        """A PEFT model around the base: a fresh adapter for training, else the fitted one; and any backup."""
         from peft import PeftModel, get_peft_model
 
-        flags = {n: p.requires_grad for n, p in lm.model.named_parameters()}
         backup = None
         if train:
             cfg = self._peft_config(lm, self._n_steps())
@@ -113,18 +139,7 @@ class PeftClassifier(TunedClassifier):
         else:
             self._check_fitted()
             pm = PeftModel.from_pretrained(lm.model, str(self.adapter_dir_), is_trainable=False)
-        self._pm = pm
-        try:
-            yield {n: p for n, p in pm.named_parameters() if p.requires_grad}
-        finally:
-            self._pm = None
-            self._detach(pm, lm)
-            if backup is not None:
-                with torch.no_grad():
-                    for name, w in backup.items():
-                        lm.model.get_parameter(name).copy_(w)
-            for n, p in lm.model.named_parameters():
-                p.requires_grad_(flags.get(n, p.requires_grad))
+        return pm, backup
 
     def _detach(self, pm, lm: LM) -> None:
         pm.unload()

@@ -333,7 +333,7 @@ class TunedClassifier(LabelTokenClassifier):
             lower = self._lower_cache(lm, seqs, start)
             lower_seconds = time.perf_counter() - t0
             if self.gradient_checkpointing and lower is None:
-                lm.model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+                _checkpointing(lm.model, True)
             lm.model.train()
 
             def loss_fn(indices):
@@ -356,8 +356,8 @@ class TunedClassifier(LabelTokenClassifier):
                                progress=self.progress, desc=self.method, after_update=self._after_update)
             finally:
                 lm.model.train(was_training)
-                if self.gradient_checkpointing and not gc_was and hasattr(lm.model, "gradient_checkpointing_disable"):
-                    lm.model.gradient_checkpointing_disable()
+                if self.gradient_checkpointing and not gc_was:
+                    _checkpointing(lm.model, False)
             self._after_training(lm, params)
             n_trainable = sum(p.numel() for p in params.values())
         n_total = sum(p.numel() for p in lm.model.parameters())
@@ -438,3 +438,11 @@ class TunedClassifier(LabelTokenClassifier):
         est.fit_info_ = card.get("training", {})
         return est
 
+
+def _checkpointing(model, on: bool) -> None:
+    """Switch activation (gradient) checkpointing on or off, by transformers 5's name where it exists."""
+    name = "activation_checkpointing" if hasattr(model, "activation_checkpointing_enable") else "gradient_checkpointing"
+    if on:
+        getattr(model, f"{name}_enable")(**{f"{name}_kwargs": {"use_reentrant": False}})
+    else:
+        getattr(model, f"{name}_disable")()
