@@ -22,13 +22,9 @@ def log(*args) -> None:
 
 
 def cpu_model() -> str:
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or "unknown"
+    from lmtune.profiling import cpu_name
+
+    return cpu_name()
 
 
 def loadavg() -> list[float] | None:

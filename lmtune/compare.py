@@ -144,24 +144,15 @@ def _data_info(ds) -> dict:
     return {"path": ds.path, "n": len(ds), "sha256": ds.content_hash()}
 
 
-def _cpu_name() -> str:
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or platform.machine()
-
-
 def environment(lm) -> dict:
     """Where the measurements were taken: versions, threads, CPU and device."""
     import torch
 
     import lmtune
+    from lmtune.profiling import cpu_name
 
     cuda = lm.device.type == "cuda"
-    return {"torch": torch.__version__, "threads": torch.get_num_threads(), "cpu": _cpu_name(),
+    return {"torch": torch.__version__, "threads": torch.get_num_threads(), "cpu": cpu_name(),
             "cpu_count": os.cpu_count(), "device": str(lm.device),
             "gpu": torch.cuda.get_device_name(lm.device) if cuda else None,
             "python": platform.python_version(), "platform": platform.platform(), "lmtune": lmtune.__version__}

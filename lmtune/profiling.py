@@ -29,6 +29,7 @@ from pathlib import Path
 
 _STATUS = Path("/proc/self/status")
 _CLEAR_REFS = Path("/proc/self/clear_refs")
+_CPUINFO = Path("/proc/cpuinfo")
 
 
 def _status_kib(field: str) -> int | None:
@@ -187,3 +188,16 @@ class PeakMemory:
         """JSON-able summary."""
         return {"start_rss_bytes": self.start_rss_bytes, "peak_rss_bytes": self.peak_rss_bytes,
                 "delta_rss_bytes": self.delta_bytes, "cuda_peak_bytes": self.cuda_peak_bytes, "method": self.method}
+
+
+def cpu_name() -> str:
+    """The CPU's model name (from ``/proc/cpuinfo`` on Linux), for benchmark and report records."""
+    import platform
+
+    try:
+        for line in _CPUINFO.read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
