@@ -80,6 +80,16 @@ CHOICES = {"schedule": ["cosine", "linear", "constant"], "val_metric": ["nll", "
            "init": ["default", "gaussian", "pissa"], "placement": ["both", "mlp"]}
 
 
+BAYES_MODES = ["laplace", "svgd", "exact"]
+
+
+def _bayes_methods() -> dict[str, list[str]]:
+    """Each --bayes mode and the methods that offer it (from their ``bayes_modes``)."""
+    from lmtune.methods import METHODS
+
+    return {m: [name for name, cls in METHODS.items() if m in getattr(cls, "bayes_modes", ())] for m in BAYES_MODES}
+
+
 NONE_DEFAULT_TYPES = {"lr": float, "max_steps": int, "patience": int}
 
 
@@ -154,6 +164,10 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--criterion", choices=["gcv", "loo"], default="gcv", help=_param_help(CF, "criterion"))
     g.add_argument("--smoothing", type=float, default=0.1, help=_param_help(CF, "smoothing"))
     g.add_argument("--no-intercept", action="store_true", help="Do not fit the per-label bias.")
+    g = p.add_argument_group("Bayesian")
+    g.add_argument("--bayes", choices=BAYES_MODES, default=None,
+                   help="A posterior over the learned parameters, for predictions with uncertainty: "
+                        + "; ".join(f"{m} ({', '.join(ms)})" for m, ms in _bayes_methods().items()) + ".")
     _tuned_args(p)
     _run_args(p)
 
@@ -255,6 +269,12 @@ def cmd_fit(args) -> int:
         kwargs.update(lam=args.lam, criterion=args.criterion, smoothing=args.smoothing,
                       fit_intercept=not args.no_intercept)
     kwargs.update(_tuned_kwargs(args))
+    if args.bayes:
+        if args.bayes not in getattr(METHODS[args.method], "bayes_modes", ()):
+            offered = [m for m, ms in _bayes_methods().items() if args.method in ms]
+            raise LmtuneError(f"--bayes {args.bayes} does not apply to --method {args.method}"
+                              + (f" (it offers: {', '.join(offered)})" if offered else " (it has no posterior)"))
+        kwargs["bayes"] = args.bayes
     task = _task_from(args)
     check_run_destination(args.out)  # before minutes of fitting, not after
     # Read the file here, not inside fit: a method that learns nothing from it (zero-shot) would

@@ -61,6 +61,8 @@ class LabelTokenClassifier:
     """
 
     method: ClassVar[str] = ""
+    # The posteriors this method offers through its ``bayes`` parameter (``lmtune fit --bayes MODE``).
+    bayes_modes: ClassVar[tuple[str, ...]] = ()
 
     def __init__(self, model: "LM | str" = DEFAULT_MODEL, task: ClassificationTask | None = None, *,
                  batch_size: int = 16, progress: bool | None = None, cache: bool = True):
