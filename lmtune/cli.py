@@ -53,15 +53,24 @@ def _number(kind, low):
     return convert
 
 
-def _task_args(p: argparse.ArgumentParser, required: bool) -> None:
+def _task_args(p: argparse.ArgumentParser, required: bool = False, generate: bool = True) -> None:
+    from lmtune.instruct import GenerationTask as G
     from lmtune.tasks import ClassificationTask as T
 
     g = p.add_argument_group("task")
-    g.add_argument("--template", required=required, help=_param_help(T, "template"))
+    if generate:
+        g.add_argument("--task", choices=["classify", "generate"], default="classify",
+                       help="classify: label-token classification (--template, --label-words); generate: "
+                            "instruction tuning, the loss on the answer tokens only.")
+    g.add_argument("--template", required=required,
+                   help=_param_help(T, "template") + (" Generation: " + _param_help(G, "template") if generate else ""))
     g.add_argument("--label-words", required=required, help=_param_help(T, "label_words"))
     g.add_argument("--label-field", default="label", help=_param_help(T, "label_field"))
     g.add_argument("--no-chat", action="store_true", help="Do not apply the model's chat template.")
-    g.add_argument("--max-length", type=int, default=512, help=_param_help(T, "max_length"))
+    g.add_argument("--max-length", type=int, default=None,
+                   help=_param_help(T, "max_length") + " Default: 512 (classify), 1024 (generate).")
+    if generate:
+        g.add_argument("--system", default=None, help="Generation: " + _param_help(G, "system"))
 
 
 def _run_args(p: argparse.ArgumentParser,
@@ -75,7 +84,7 @@ def _run_args(p: argparse.ArgumentParser,
 
 
 TRAINING_OPTIONS = ("epochs", "lr", "grad_accum", "weight_decay", "warmup", "schedule", "clip", "patience", "val",
-                    "val_metric", "seed", "max_steps", "gradient_checkpointing", "checkpoint_dir", "resume")
+                    "val_metric", "seed", "max_steps", "gradient_checkpointing", "checkpoint_dir", "resume", "pack")
 CHOICES = {"schedule": ["cosine", "linear", "constant"], "val_metric": ["nll", "accuracy"],
            "init": ["default", "gaussian", "pissa"], "placement": ["both", "mlp"]}
 
@@ -156,9 +165,11 @@ def build_parser() -> argparse.ArgumentParser:
                        description=f"Methods: {methods_help}")
     p.add_argument("--method", required=True, choices=sorted(METHODS))
     p.add_argument("--model", default=DEFAULT_MODEL, help="Built-in name, Hugging Face folder, .gguf file or hub id.")
-    p.add_argument("--train", required=True, help="Training data: .jsonl, .csv, .tsv or builtin:NAME:SPLIT.")
+    p.add_argument("--train", required=True,
+                   help="Training data: .jsonl, .csv, .tsv or builtin:NAME:SPLIT. With --task generate, several "
+                        "sources with sampling weights: 'a.jsonl:2,b.jsonl:1'.")
     p.add_argument("--out", required=True, help="Run folder to write (replaced atomically if it is a run).")
-    _task_args(p, required=True)
+    _task_args(p)
     g = p.add_argument_group("closed-form")
     g.add_argument("--lam", type=_number(float, 0.0), default=None, help=_param_help(CF, "lam"))
     g.add_argument("--criterion", choices=["gcv", "loo"], default="gcv", help=_param_help(CF, "criterion"))
@@ -219,7 +230,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", required=True, help="Report folder: report.md/.csv/.json, two plots, runs/<method>.")
     p.add_argument("--latency-examples", type=_number(int, 0), default=64,
                    help=_param_help(compare, "latency_examples"))
-    _task_args(p, required=True)
+    _task_args(p, required=True, generate=False)
     _tuned_args(p)  # --val among them: validation data for the gradient methods
     _run_args(p, json_help="Print the whole comparison as one JSON object (no progress).")
 
@@ -228,14 +239,20 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def _task_from(args):
+    from lmtune.instruct import GenerationTask
     from lmtune.tasks import ClassificationTask
 
-    if not args.template or not args.label_words:
-        raise LmtuneError("--template and --label-words are required here")
     # A shell passes "...\n..." through as a backslash and an n: read \n and \t as the user meant them.
-    template = args.template.replace("\\n", "\n").replace("\\t", "\t")
+    template = args.template.replace("\\n", "\n").replace("\\t", "\t") if args.template else None
+    if getattr(args, "task", "classify") == "generate":
+        if args.label_words:
+            raise LmtuneError("--label-words goes with --task classify; a generation task learns the answers' text")
+        return GenerationTask(template, chat=not args.no_chat, system=args.system,
+                              max_length=args.max_length or 1024)
+    if not args.template or not args.label_words:
+        raise LmtuneError("--template and --label-words are required here (or --task generate)")
     return ClassificationTask(template, args.label_words, label_field=args.label_field,
-                              chat=not args.no_chat, max_length=args.max_length)
+                              chat=not args.no_chat, max_length=args.max_length or 512)
 
 
 def _common(args) -> dict:
@@ -264,7 +281,13 @@ def cmd_fit(args) -> int:
     from lmtune.methods.closed_form import ClosedFormClassifier
     from lmtune.runs import check_run_destination
 
+    from lmtune.methods.tuned import TunedClassifier
+
     kwargs = _common(args)
+    if args.task == "generate" and not issubclass(METHODS[args.method], TunedClassifier):
+        tuned = [n for n, c in METHODS.items() if issubclass(c, TunedClassifier)]
+        raise LmtuneError(f"--task generate trains an answer's text: use a gradient method ({', '.join(tuned)}), "
+                          f"not {args.method}")
     if METHODS[args.method] is ClosedFormClassifier:
         kwargs.update(lam=args.lam, criterion=args.criterion, smoothing=args.smoothing,
                       fit_intercept=not args.no_intercept)
@@ -279,7 +302,12 @@ def cmd_fit(args) -> int:
     check_run_destination(args.out)  # before minutes of fitting, not after
     # Read the file here, not inside fit: a method that learns nothing from it (zero-shot) would
     # otherwise accept a malformed --train without a word.
-    data = open_data(args.train)
+    if args.task == "generate":
+        from lmtune.mixture import parse_mixture
+
+        data = parse_mixture(args.train)
+    else:
+        data = open_data(args.train)
     est = METHODS[args.method](args.model, task, **kwargs).fit(data)
     if int(os.environ.get("RANK", "0")) != 0:  # under torchrun every process trained the same model; one saves
         return 0

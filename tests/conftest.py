@@ -39,7 +39,7 @@ def pytest_unconfigure(config):
 
 
 TINY_CHAT_TEMPLATE = (
-    "{% for m in messages %}<|user|> {{ m['content'] }} <|end|> {% endfor %}"
+    "{% for m in messages %}<|{{ m['role'] }}|> {{ m['content'] }} <|end|> {% endfor %}"
     "{% if add_generation_prompt %}<|assistant|>{% endif %}"
 )
 

@@ -12,6 +12,7 @@ route from records to features (prompts, token ids, the cached backbone pass).
 
 from __future__ import annotations
 
+import contextlib
 import time
 from typing import ClassVar, Protocol, runtime_checkable
 
@@ -115,6 +116,16 @@ class LabelTokenClassifier:
         return self.predict_proba(data).argmax(axis=1)
 
     def base_card(self) -> dict:
-        task = self._check_task()
-        return {"method": self.method, "model": self.lm.name, "model_fingerprint": self.lm.fingerprint,
-                "task": task.to_dict(), "labels": task.labels}
+        if self.task is None:
+            raise LmtuneError(f"{type(self).__name__} has no task")
+        card = {"method": self.method, "model": self.lm.name, "model_fingerprint": self.lm.fingerprint,
+                "task": self.task.to_dict()}
+        if isinstance(self.task, ClassificationTask):
+            card["labels"] = self.task.labels
+        return card
+
+    @contextlib.contextmanager
+    def attached(self, train: bool = False):
+        """The model with this method's learned state in it for the block (the base model as it is here:
+        methods that change the model override this)."""
+        yield {}

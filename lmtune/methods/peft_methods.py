@@ -93,13 +93,6 @@ class PeftClassifier(TunedClassifier):
         total = per_epoch * self.epochs
         return min(total, self.max_steps) if self.max_steps else total
 
-    def fit(self, data, val=None):
-        from lmtune.methods.base import as_dataset
-
-        ds = as_dataset(data)
-        self._n_train = len(ds)
-        return super().fit(ds, val=val)
-
     def _prepare(self, pm, lm: LM) -> None:
         """Hook after a fresh adapter is created (initialisations PEFT does not do)."""
 

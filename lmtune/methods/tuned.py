@@ -129,6 +129,8 @@ class TunedClassifier(LabelTokenClassifier):
         Continue from the checkpoint in checkpoint_dir when there is one.
     reuse_lower : bool
         Compute the frozen lower layers' activations once instead of every epoch (exact; uses memory).
+    pack : bool
+        Generation tasks: put several short records in one row, each attending only to itself.
     progress : bool or None
         Progress bars; None shows them only on a terminal.
     cache : bool
@@ -144,7 +146,7 @@ class TunedClassifier(LabelTokenClassifier):
                  schedule: str = "cosine", clip: float | None = 1.0, patience: int | None = None, val=None,
                  val_metric: str = "nll", seed: int = 0, max_steps: int | None = None,
                  gradient_checkpointing: bool = False, checkpoint_dir: str | None = None, resume: bool = False,
-                 reuse_lower: bool = True, progress: bool | None = None, cache: bool = True):
+                 reuse_lower: bool = True, pack: bool = False, progress: bool | None = None, cache: bool = True):
         super().__init__(model, task, batch_size=batch_size, progress=progress, cache=cache)
         self.epochs = epochs
         self.lr = lr
@@ -162,6 +164,7 @@ class TunedClassifier(LabelTokenClassifier):
         self.checkpoint_dir = checkpoint_dir
         self.resume = resume
         self.reuse_lower = reuse_lower
+        self.pack = pack
 
     # -- what a subclass provides ---------------------------------------------------------------------
 
@@ -304,74 +307,208 @@ class TunedClassifier(LabelTokenClassifier):
                            checkpoint_dir=self.checkpoint_dir)
 
     def fit(self, data, val=None) -> "TunedClassifier":
-        """Train on labeled ``data``; ``val`` (or the ``val`` parameter) picks the best epoch."""
-        from lmtune.training import train
+        """Train on labeled ``data``; ``val`` (or the ``val`` parameter) picks the best epoch.
 
+        For a :class:`~lmtune.instruct.GenerationTask`, ``data`` may also be a
+        :class:`~lmtune.mixture.Mixture` (several datasets with sampling weights) or its spec string."""
+        from lmtune.instruct import GenerationTask
+
+        if self.val_metric not in ("nll", "accuracy"):
+            raise LmtuneError(f"val_metric must be nll or accuracy, got {self.val_metric!r}")
+        val = val if val is not None else self.val
+        if isinstance(self.task, GenerationTask):
+            objective = self._generation_objective(data, val)
+        else:
+            objective = self._classification_objective(data, val)
+        return self._train(objective)
+
+    def _classification_objective(self, data, val) -> "_Objective":
         ds = as_dataset(data)
         task = self._check_task()
         lm = self.lm
         tok = lm.tokenizer
-        if self.val_metric not in ("nll", "accuracy"):
-            raise LmtuneError(f"val_metric must be nll or accuracy, got {self.val_metric!r}")
         label_ids = torch.tensor(task.label_token_ids(tok), device=lm.device)
         enc = task.encode(tok, ds, labeled=True)
         seqs, y = enc.input_ids, torch.as_tensor(enc.y, device=lm.device)
-        val = val if val is not None else self.val
         vseqs = vy = None
         if val is not None:
             venc = task.encode(tok, as_dataset(val), labeled=True)
             vseqs, vy = venc.input_ids, venc.y
 
+        def batch_loss(indices, lower, start):
+            batch = [seqs[i] for i in indices]
+            if lower is not None:
+                logits = self._forward(lm, batch, label_ids, [lower[i] for i in indices], start)
+            else:
+                logits = self._forward(lm, batch, label_ids)
+            return torch.nn.functional.cross_entropy(logits, y[indices], reduction="sum")
+
+        def val_fn():
+            logits = self._logits_of(lm, vseqs, label_ids)
+            rep = classification_report(vy, softmax(logits), task.labels)
+            return -rep["nll"] if self.val_metric == "nll" else rep["accuracy"]
+
+        return _Objective(seqs, list(range(len(seqs))), batch_loss, val_fn if vseqs is not None else None,
+                          {"data_sha256": ds.content_hash(), "truncated_prompts": enc.n_truncated,
+                           "n_val": len(vseqs) if vseqs is not None else 0})
+
+    def _generation_objective(self, data, val) -> "_Objective":
+        from lmtune.lm_loss import PACKABLE_MODEL_TYPES
+        from lmtune.mixture import as_mixture
+
+        if self.val_metric != "nll":
+            raise LmtuneError("generation tasks validate by the completion NLL: use val_metric='nll'")
+        task = self.task
+        lm = self.lm
+        tok = lm.tokenizer
+        mix = as_mixture(data)
+        seqs = mix.encode(task, tok)
+        order = mix.order(self.seed)
+        tasks = [s.task for s in seqs]
+        if self.pack and (self._virtual_prefix(1) is not None
+                          or getattr(lm.model.config, "model_type", "") not in PACKABLE_MODEL_TYPES):
+            raise LmtuneError(f"--pack is not available for {self.method} on a "
+                              f"{getattr(lm.model.config, 'model_type', '?')} model: records could attend to each "
+                              "other; train without packing")
+        ids = [s.ids for s in seqs]
+        last_loss = np.full(len(seqs), np.nan)  # each record's loss when last seen: per-task training loss
+
+        def batch_loss(indices, lower, start):
+            items = [order[i] for i in indices]
+            losses = self._completion_losses(lm, [ids[j] for j in items], [seqs[j].targets for j in items],
+                                             [lower[j] for j in items] if lower is not None else None, start)
+            last_loss[items] = losses.detach().cpu().numpy()
+            return losses.sum()
+
+        vseqs = None
+        if val is not None:
+            vseqs = as_mixture(val).encode(task, tok)
+
+        def val_fn():
+            return -float(np.mean(self._sequence_losses(lm, vseqs)))
+
+        def extras():
+            out = {"per_task_train_loss": _per_task(tasks, last_loss), "mixture": mix.describe(order)}
+            if vseqs is not None:
+                out["per_task_val_loss"] = _per_task([s.task for s in vseqs], self._sequence_losses(lm, vseqs))
+            return out
+
+        info = {"data_sha256": mix.content_hash(), "n_records": len(seqs), "n_val": len(vseqs) if vseqs else 0,
+                "target_tokens": int(sum(s.n_targets for s in seqs)), "packed": bool(self.pack)}
+        return _Objective(ids, order, batch_loss, val_fn if vseqs is not None else None, info, extras)
+
+    def _train(self, obj: "_Objective") -> "TunedClassifier":
+        """The shared fitting core: attach, cache frozen lower layers, run the training loop, keep the result."""
+        from lmtune.training import train
+
+        lm = self.lm
+        n = len(obj.order)
+        self._n_train = n  # examples per epoch (AdaLoRA's schedule needs the step count up front)
         torch.manual_seed(self.seed)
         self._init_state(lm)
-        cfg = self.train_config(len(seqs))
+        cfg = self.train_config(n)
         t0 = time.perf_counter()
         was_training = lm.model.training
         gc_was = self.gradient_checkpointing and getattr(lm.model, "is_activation_checkpointing", False)
         with PeakMemory() as mem, self._attach(lm, train=True) as params:
             start = self._frozen_below(lm)
-            lower = self._lower_cache(lm, seqs, start)
+            lower = self._lower_cache(lm, obj.seqs, start)
             lower_seconds = time.perf_counter() - t0
             if self.gradient_checkpointing and lower is None:
                 _checkpointing(lm.model, True)
             lm.model.train()
 
             def loss_fn(indices):
-                batch = [seqs[i] for i in indices]
-                if lower is not None:
-                    logits = self._forward(lm, batch, label_ids, [lower[i] for i in indices], start)
-                else:
-                    logits = self._forward(lm, batch, label_ids)
-                loss = torch.nn.functional.cross_entropy(logits, y[indices], reduction="sum")
-                return loss + self._regularizer(len(indices)), sum(len(s) for s in batch)
-
-            def val_fn():
-                logits = self._logits_of(lm, vseqs, label_ids)
-                rep = classification_report(vy, softmax(logits), task.labels)
-                return -rep["nll"] if self.val_metric == "nll" else rep["accuracy"]
+                loss = obj.batch_loss(indices, lower, start)
+                return loss + self._regularizer(len(indices)), sum(len(obj.seqs[obj.order[i]]) for i in indices)
 
             try:
-                result = train(params, loss_fn, len(seqs), cfg, lengths=[len(s) for s in seqs],
-                               val_fn=val_fn if vseqs is not None else None, resume=self.resume,
-                               progress=self.progress, desc=self.method, after_update=self._after_update)
+                result = train(params, loss_fn, n, cfg, lengths=[len(obj.seqs[j]) for j in obj.order],
+                               val_fn=obj.val_fn, resume=self.resume, progress=self.progress, desc=self.method,
+                               after_update=self._after_update)
             finally:
                 lm.model.train(was_training)
                 if self.gradient_checkpointing and not gc_was:
                     _checkpointing(lm.model, False)
+            extras = obj.extras() if obj.extras is not None else {}
             self._after_training(lm, params)
             n_trainable = sum(p.numel() for p in params.values())
         n_total = sum(p.numel() for p in lm.model.parameters())
         self.train_result_ = result
-        self.fit_info_ = {"n_train": len(seqs), "n_val": len(vseqs) if vseqs is not None else 0,
+        self.fit_info_ = {"n_train": n, **obj.info,
                           "trainable_params": int(n_trainable), "base_params": int(n_total),
                           "trainable_share": n_trainable / n_total, "train_seconds": time.perf_counter() - t0,
                           "lower_cache_seconds": lower_seconds if lower is not None else None,
                           "reused_lower_layers": start if lower is not None else 0,
                           "peak_rss_bytes": mem.peak_rss_bytes, "rss_at_start_bytes": mem.start_rss_bytes,
                           "cuda_peak_bytes": mem.cuda_peak_bytes,
-                          "train": result.to_dict(), "config": cfg.to_dict(), "data_sha256": ds.content_hash(),
-                          "truncated_prompts": enc.n_truncated}
+                          "train": result.to_dict(), "config": cfg.to_dict(), **extras}
         return self
+
+    # -- the completion loss --------------------------------------------------------------------------
+
+    def _completion_losses(self, lm: LM, ids: list[list[int]], targets: list[list[bool]],
+                           lower: list[torch.Tensor] | None = None, start: int = 0) -> torch.Tensor:
+        """(B,) mean NLL of each sequence's target tokens; packed rows when ``self.pack``."""
+        from lmtune.lm_loss import layout, per_item_losses, position_ids
+
+        device = lm.device
+        bb = backbone_of(lm)
+        lengths = [len(s) for s in ids]
+        lay, _ = layout(lengths, bool(self.pack))
+        pad = lm.tokenizer.pad_token_id if lm.tokenizer.pad_token_id is not None else 0
+        tokens = torch.full((lay.n_rows, lay.width), pad, dtype=torch.long)
+        mask = torch.zeros((lay.n_rows, lay.width), dtype=torch.long)
+        for i, s in enumerate(ids):
+            tokens[lay.row[i], lay.offset[i]:lay.offset[i] + len(s)] = torch.tensor(s)
+            mask[lay.row[i], lay.offset[i]:lay.offset[i] + len(s)] = 1
+        tokens, mask = tokens.to(device), mask.to(device)
+        # Packed: restarting position ids and no mask give transformers' block-diagonal causal mask.
+        kwargs = ({"position_ids": position_ids(lay, lengths).to(device), "attention_mask": None} if self.pack
+                  else {"attention_mask": mask})
+        shift = 0
+        if lower is not None:
+            emb = torch.zeros((lay.n_rows, lay.width, lower[0].shape[-1]), dtype=lower[0].dtype, device=device)
+            for i, h in enumerate(lower):
+                emb[lay.row[i], lay.offset[i]:lay.offset[i] + h.shape[0]] = h.to(device)
+            with layer_range(lm, start) as top:
+                h = top(inputs_embeds=emb, use_cache=False, **kwargs).last_hidden_state
+        else:
+            emb = bb.get_input_embeddings()(tokens)
+            prefix = self._virtual_prefix(lay.n_rows)
+            if prefix is not None:
+                shift = prefix.shape[1]
+                emb = torch.cat([prefix.to(emb.dtype), emb], dim=1)
+                kwargs["attention_mask"] = torch.cat(
+                    [torch.ones((lay.n_rows, shift), dtype=mask.dtype, device=device), mask], dim=1)
+            h = bb(inputs_embeds=emb, use_cache=False, **kwargs).last_hidden_state
+        return per_item_losses(h, lm.model.get_output_embeddings(), lay, ids, targets, shift)
+
+    def _sequence_losses(self, lm: LM, seqs) -> np.ndarray:
+        """Per-record completion NLL (eval mode, no gradient) of :class:`~lmtune.instruct.TrainSequence` s."""
+        out = np.empty(len(seqs))
+        order = sorted(range(len(seqs)), key=lambda i: len(seqs[i].ids), reverse=True)
+        bs = max(self.batch_size, 8)
+        was_training = lm.model.training
+        lm.model.eval()
+        try:
+            with torch.inference_mode():
+                for b in range(0, len(order), bs):
+                    idx = order[b:b + bs]
+                    out[idx] = self._completion_losses(lm, [seqs[i].ids for i in idx],
+                                                       [seqs[i].targets for i in idx]).cpu().numpy()
+        finally:
+            lm.model.train(was_training)
+        return out
+
+    def completion_nll(self, data) -> dict:
+        """Mean completion NLL of ``data`` under the adapted model, overall and per task."""
+        from lmtune.mixture import as_mixture
+
+        seqs = as_mixture(data).encode(self.task, self.lm.tokenizer)
+        with self.attached():
+            losses = self._sequence_losses(self.lm, seqs)
+        return {"nll": float(losses.mean()), "per_task": _per_task([s.task for s in seqs], losses), "n": len(seqs)}
 
     def _regularizer(self, n: int) -> torch.Tensor | float:
         """Extra loss per optimizer step, scaled by the micro-batch's share ``n`` (AdaLoRA's orthogonality)."""
@@ -431,9 +568,9 @@ class TunedClassifier(LabelTokenClassifier):
 
     @classmethod
     def from_card(cls, card: dict, folder: Path, model, **kwargs) -> "TunedClassifier":
-        from lmtune.tasks import ClassificationTask
+        from lmtune.instruct import task_from_dict
 
-        est = cls(model, ClassificationTask.from_dict(card["task"]), **card.get("hyperparameters", {}), **kwargs)
+        est = cls(model, task_from_dict(card["task"]), **card.get("hyperparameters", {}), **kwargs)
         est._load_files(Path(folder))
         est.fit_info_ = card.get("training", {})
         return est
@@ -446,3 +583,25 @@ def _checkpointing(model, on: bool) -> None:
         getattr(model, f"{name}_enable")(**{f"{name}_kwargs": {"use_reentrant": False}})
     else:
         getattr(model, f"{name}_disable")()
+
+
+class _Objective:
+    """What one training run optimises: token sequences (for the lower-layer cache and lengths), the map
+    from training-example index to sequence (a mixture repeats or skips records), the summed loss of a
+    batch, the validation score, and what goes into the card."""
+
+    def __init__(self, seqs, order, batch_loss, val_fn, info, extras=None):
+        self.seqs, self.order, self.batch_loss, self.val_fn, self.info, self.extras = (
+            seqs, order, batch_loss, val_fn, info, extras)
+
+
+def _per_task(tasks: list[str], losses) -> dict[str, float]:
+    """Mean loss per task tag (records never seen, NaN, are left out)."""
+    losses = np.asarray(losses, dtype=np.float64)
+    out = {}
+    for t in sorted(set(tasks)):
+        v = losses[[i for i, x in enumerate(tasks) if x == t]]
+        v = v[~np.isnan(v)]
+        if len(v):
+            out[t or "default"] = float(v.mean())
+    return out

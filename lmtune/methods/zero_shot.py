@@ -13,15 +13,23 @@ from lmtune.runs import write_run
 
 
 class ZeroShotClassifier(LabelTokenClassifier):
-    """The base model's label-token distribution; ``fit`` learns nothing."""
+    """The base model's label-token distribution (or, for a generation task, its own answers); ``fit``
+    learns nothing."""
 
     method = "zero-shot"
 
     def fit(self, data=None) -> "ZeroShotClassifier":
         """Record the task; when ``data`` is given, validate it as training data would be (fields, labels)."""
-        task = self._check_task()
-        if data is not None:
-            task.encode(self.lm.tokenizer, as_dataset(data), labeled=True)
+        from lmtune.instruct import GenerationTask
+        from lmtune.mixture import as_mixture
+
+        if isinstance(self.task, GenerationTask):
+            if data is not None:
+                as_mixture(data).encode(self.task, self.lm.tokenizer)
+        elif data is not None:
+            self._check_task().encode(self.lm.tokenizer, as_dataset(data), labeled=True)
+        else:
+            self._check_task()
         self.fitted_ = True
         return self
 
@@ -30,8 +38,8 @@ class ZeroShotClassifier(LabelTokenClassifier):
 
     @classmethod
     def from_card(cls, card: dict, folder: Path, model, **kwargs) -> "ZeroShotClassifier":
-        from lmtune.tasks import ClassificationTask
+        from lmtune.instruct import task_from_dict
 
-        est = cls(model, ClassificationTask.from_dict(card["task"]), **kwargs)
+        est = cls(model, task_from_dict(card["task"]), **kwargs)
         est.fitted_ = True
         return est
