@@ -23,7 +23,9 @@ follows position ids this way (the Llama family; checked by a test), and never w
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Callable
 
+import numpy as np
 import torch
 
 PACKABLE_MODEL_TYPES = {"llama", "mistral", "qwen2", "qwen3", "smollm3", "olmo2", "granite"}
@@ -115,3 +117,74 @@ def per_item_losses(hidden: torch.Tensor, head: torch.nn.Module, lay: Layout, id
     item = torch.tensor(items, device=device)
     n = torch.bincount(item, minlength=len(ids)).clamp(min=1)
     return torch.zeros(len(ids), device=device, dtype=tok_loss.dtype).index_add(0, item, tok_loss) / n
+
+
+def completion_losses(lm, ids: list[list[int]], targets: list[list[bool]], *, pack: bool = False,
+                      lower: list[torch.Tensor] | None = None, start: int = 0,
+                      prefix: Callable[[int], torch.Tensor | None] | None = None) -> torch.Tensor:
+    """(B,) mean NLL of each sequence's target tokens under ``lm`` as it is (adapters attached or not).
+
+    Parameters
+    ----------
+    lm : lmtune.models.LM
+    ids, targets : lists of per-sequence token ids and target masks
+    pack : bool
+        Several sequences per row (see the module doc); else one per row, right-padded.
+    lower, start : optional
+        Cached hidden states entering layer ``start`` for each sequence: only layers ``start..`` run.
+    prefix : callable, optional
+        ``prefix(rows)`` -> (rows, P, d) virtual-token embeddings to prepend, or None.
+    """
+    from lmtune.methods.tuned import backbone_of, layer_range
+
+    device = lm.device
+    bb = backbone_of(lm)
+    lengths = [len(s) for s in ids]
+    lay, _ = layout(lengths, pack)
+    pad = lm.tokenizer.pad_token_id if lm.tokenizer.pad_token_id is not None else 0
+    tokens = torch.full((lay.n_rows, lay.width), pad, dtype=torch.long)
+    mask = torch.zeros((lay.n_rows, lay.width), dtype=torch.long)
+    for i, s in enumerate(ids):
+        tokens[lay.row[i], lay.offset[i]:lay.offset[i] + len(s)] = torch.tensor(s)
+        mask[lay.row[i], lay.offset[i]:lay.offset[i] + len(s)] = 1
+    tokens, mask = tokens.to(device), mask.to(device)
+    # Packed: restarting position ids and no mask give transformers' block-diagonal causal mask.
+    kwargs = ({"position_ids": position_ids(lay, lengths).to(device), "attention_mask": None} if pack
+              else {"attention_mask": mask})
+    shift = 0
+    if lower is not None:
+        emb = torch.zeros((lay.n_rows, lay.width, lower[0].shape[-1]), dtype=lower[0].dtype, device=device)
+        for i, h in enumerate(lower):
+            emb[lay.row[i], lay.offset[i]:lay.offset[i] + h.shape[0]] = h.to(device)
+        with layer_range(lm, start) as top:
+            h = top(inputs_embeds=emb, use_cache=False, **kwargs).last_hidden_state
+    else:
+        emb = bb.get_input_embeddings()(tokens)
+        virtual = prefix(lay.n_rows) if prefix is not None else None
+        if virtual is not None:
+            if pack:
+                raise ValueError("packing cannot be combined with virtual tokens")
+            shift = virtual.shape[1]
+            emb = torch.cat([virtual.to(emb.dtype), emb], dim=1)
+            kwargs["attention_mask"] = torch.cat(
+                [torch.ones((lay.n_rows, shift), dtype=mask.dtype, device=device), mask], dim=1)
+        h = bb(inputs_embeds=emb, use_cache=False, **kwargs).last_hidden_state
+    return per_item_losses(h, lm.model.get_output_embeddings(), lay, ids, targets, shift)
+
+
+def sequence_losses(lm, seqs, *, batch_size: int = 8,
+                    prefix: Callable[[int], torch.Tensor | None] | None = None) -> np.ndarray:
+    """Per-sequence mean target NLL (eval mode, no gradient), batched longest first."""
+    out = np.empty(len(seqs))
+    order = sorted(range(len(seqs)), key=lambda i: len(seqs[i].ids), reverse=True)
+    was_training = lm.model.training
+    lm.model.eval()
+    try:
+        with torch.inference_mode():
+            for b in range(0, len(order), batch_size):
+                idx = order[b:b + batch_size]
+                out[idx] = completion_losses(lm, [seqs[i].ids for i in idx], [seqs[i].targets for i in idx],
+                                             prefix=prefix).cpu().numpy()
+    finally:
+        lm.model.train(was_training)
+    return out

@@ -449,57 +449,16 @@ class TunedClassifier(LabelTokenClassifier):
 
     def _completion_losses(self, lm: LM, ids: list[list[int]], targets: list[list[bool]],
                            lower: list[torch.Tensor] | None = None, start: int = 0) -> torch.Tensor:
-        """(B,) mean NLL of each sequence's target tokens; packed rows when ``self.pack``."""
-        from lmtune.lm_loss import layout, per_item_losses, position_ids
+        """(B,) mean NLL of each sequence's target tokens, with this method's virtual tokens if any."""
+        from lmtune.lm_loss import completion_losses
 
-        device = lm.device
-        bb = backbone_of(lm)
-        lengths = [len(s) for s in ids]
-        lay, _ = layout(lengths, bool(self.pack))
-        pad = lm.tokenizer.pad_token_id if lm.tokenizer.pad_token_id is not None else 0
-        tokens = torch.full((lay.n_rows, lay.width), pad, dtype=torch.long)
-        mask = torch.zeros((lay.n_rows, lay.width), dtype=torch.long)
-        for i, s in enumerate(ids):
-            tokens[lay.row[i], lay.offset[i]:lay.offset[i] + len(s)] = torch.tensor(s)
-            mask[lay.row[i], lay.offset[i]:lay.offset[i] + len(s)] = 1
-        tokens, mask = tokens.to(device), mask.to(device)
-        # Packed: restarting position ids and no mask give transformers' block-diagonal causal mask.
-        kwargs = ({"position_ids": position_ids(lay, lengths).to(device), "attention_mask": None} if self.pack
-                  else {"attention_mask": mask})
-        shift = 0
-        if lower is not None:
-            emb = torch.zeros((lay.n_rows, lay.width, lower[0].shape[-1]), dtype=lower[0].dtype, device=device)
-            for i, h in enumerate(lower):
-                emb[lay.row[i], lay.offset[i]:lay.offset[i] + h.shape[0]] = h.to(device)
-            with layer_range(lm, start) as top:
-                h = top(inputs_embeds=emb, use_cache=False, **kwargs).last_hidden_state
-        else:
-            emb = bb.get_input_embeddings()(tokens)
-            prefix = self._virtual_prefix(lay.n_rows)
-            if prefix is not None:
-                shift = prefix.shape[1]
-                emb = torch.cat([prefix.to(emb.dtype), emb], dim=1)
-                kwargs["attention_mask"] = torch.cat(
-                    [torch.ones((lay.n_rows, shift), dtype=mask.dtype, device=device), mask], dim=1)
-            h = bb(inputs_embeds=emb, use_cache=False, **kwargs).last_hidden_state
-        return per_item_losses(h, lm.model.get_output_embeddings(), lay, ids, targets, shift)
+        return completion_losses(lm, ids, targets, pack=bool(self.pack), lower=lower, start=start,
+                                 prefix=self._virtual_prefix)
 
     def _sequence_losses(self, lm: LM, seqs) -> np.ndarray:
-        """Per-record completion NLL (eval mode, no gradient) of :class:`~lmtune.instruct.TrainSequence` s."""
-        out = np.empty(len(seqs))
-        order = sorted(range(len(seqs)), key=lambda i: len(seqs[i].ids), reverse=True)
-        bs = max(self.batch_size, 8)
-        was_training = lm.model.training
-        lm.model.eval()
-        try:
-            with torch.inference_mode():
-                for b in range(0, len(order), bs):
-                    idx = order[b:b + bs]
-                    out[idx] = self._completion_losses(lm, [seqs[i].ids for i in idx],
-                                                       [seqs[i].targets for i in idx]).cpu().numpy()
-        finally:
-            lm.model.train(was_training)
-        return out
+        from lmtune.lm_loss import sequence_losses
+
+        return sequence_losses(lm, seqs, batch_size=max(self.batch_size, 8), prefix=self._virtual_prefix)
 
     def completion_nll(self, data) -> dict:
         """Mean completion NLL of ``data`` under the adapted model, overall and per task."""
