@@ -20,7 +20,7 @@ from typing import Iterable, Iterator, Mapping
 
 from lmtune.errors import DataError, LmtuneError
 
-BUILTIN_DATASETS = {"reviews": "reviews.jsonl", "instruct": "instruct.jsonl"}
+BUILTIN_DATASETS = {"reviews": "reviews.jsonl", "instruct": "instruct.jsonl", "heldtext": "heldtext.jsonl"}
 
 
 @dataclass
