@@ -172,7 +172,7 @@ def build_parser() -> argparse.ArgumentParser:
     _task_args(p)
     g = p.add_argument_group("closed-form")
     g.add_argument("--lam", type=_number(float, 0.0), default=None, help=_param_help(CF, "lam"))
-    g.add_argument("--criterion", choices=["gcv", "loo"], default="gcv", help=_param_help(CF, "criterion"))
+    g.add_argument("--criterion", choices=["gcv", "loo", "evidence"], default="gcv", help=_param_help(CF, "criterion"))
     g.add_argument("--smoothing", type=float, default=0.1, help=_param_help(CF, "smoothing"))
     g.add_argument("--no-intercept", action="store_true", help="Do not fit the per-label bias.")
     g = p.add_argument_group("Bayesian")
@@ -321,6 +321,11 @@ def cmd_fit(args) -> int:
         if fitted:
             print(f"lambda {fitted['lam']:.4g} ({fitted['solver']}, condition number {fitted['condition_number']}), "
                   f"solve {fitted['solve_seconds'] * 1e3:.1f} ms, features {fitted['extract_seconds']:.1f} s")
+            if fitted.get("evidence"):
+                e = fitted["evidence"]
+                print(f"evidence: log p(targets) {e['log_evidence']:.2f} at prior precision alpha {e['alpha']:.4g}, "
+                      f"noise precision beta {e['beta']:.4g} ({e['gamma']:.1f} well-determined parameters per output)"
+                      + ("; predictions use the exact posterior" if fitted.get("posterior") else ""))
         training = card.get("training")
         if training:
             last = training["train"]["history"][-1] if training["train"]["history"] else {}

@@ -36,8 +36,15 @@ def evaluate(estimator, data, *, n_bins: int = 15, n_examples: int = 5) -> dict:
         the keys are always present in this order.
     """
     ds = as_dataset(data)
+    logits, base_logits, y, ds = estimator.label_logits(ds, labeled=True, base=estimator.method != "zero-shot")
+    return evaluate_logits(estimator, ds, logits, base_logits, y, n_bins=n_bins, n_examples=n_examples)
+
+
+def evaluate_logits(estimator, ds, logits: np.ndarray, base_logits: np.ndarray | None, y: np.ndarray, *,
+                    n_bins: int = 15, n_examples: int = 5) -> dict:
+    """:func:`evaluate` from logits already computed by ``estimator.label_logits(ds, labeled=True,
+    base=...)``, for callers that need the logits too (the calibration report)."""
     is_base = estimator.method == "zero-shot"
-    logits, base_logits, y, ds = estimator.label_logits(ds, labeled=True, base=not is_base)
     task = estimator.task
     probs = softmax(logits)
     out = {"method": estimator.method, "model": estimator.lm.name,
@@ -66,9 +73,20 @@ def flip_analysis(task, ds, y: np.ndarray, base_probs: np.ndarray, probs: np.nda
 
 
 def predict_records(estimator, data) -> Iterator[dict]:
-    """One JSON-able dict per record, in input order: its line, ``id`` when present, the predicted label
-    and every label's probability."""
-    logits, _, _, ds = estimator.label_logits(data)
+    """One JSON-able dict per record, in input order: its line, ``id`` when present, the predicted label,
+    every label's probability and, for an estimator with a posterior, ``"uncertainty"``.
+
+    An estimator reports uncertainty through a method ``uncertainty(data) -> (logits (N, K), {name: (N,)
+    array}, dataset)`` (one feature pass; an empty dict when it has no posterior); each record then gets
+    ``{"uncertainty": {name: value}}`` (for example the predictive entropy and the logits' posterior
+    standard deviation).
+    """
+    unc = getattr(estimator, "uncertainty", None)
+    if callable(unc):
+        logits, extras, ds = unc(data)
+    else:
+        logits, _, _, ds = estimator.label_logits(data)
+        extras = {}
     probs = softmax(logits)
     labels = estimator.task.labels
     for i, p in enumerate(probs):
@@ -77,4 +95,6 @@ def predict_records(estimator, data) -> Iterator[dict]:
             row["id"] = ds.records[i]["id"]
         row["label"] = labels[int(p.argmax())]
         row["probabilities"] = {lab: float(v) for lab, v in zip(labels, p)}
+        if extras:
+            row["uncertainty"] = {name: float(v[i]) for name, v in extras.items()}
         yield row
