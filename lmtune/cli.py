@@ -223,7 +223,9 @@ def build_parser() -> argparse.ArgumentParser:
 
     what = "Fit several methods on the same data and compare quality, size, memory, training time and latency."
     p = sub.add_parser("compare", help=what, description=f"{what} Methods: {methods_help}")
-    p.add_argument("--methods", required=True, help=f"Comma-separated, from: {', '.join(METHODS)}.")
+    p.add_argument("--methods", required=True, help=f"Comma-separated, from: {', '.join(METHODS)}; NAME+MODE for a "
+                   "method with a posterior (--bayes MODE), e.g. closed-form+exact. With --val, every method is also "
+                   "reported temperature-scaled.")
     p.add_argument("--model", default=DEFAULT_MODEL, help="Built-in name, Hugging Face folder, .gguf file or hub id.")
     p.add_argument("--train", required=True, help="Training data: .jsonl, .csv, .tsv or builtin:NAME:SPLIT.")
     p.add_argument("--test", required=True, help="Test data, same formats.")
@@ -233,6 +235,15 @@ def build_parser() -> argparse.ArgumentParser:
     _task_args(p, required=True, generate=False)
     _tuned_args(p)  # --val among them: validation data for the gradient methods
     _run_args(p, json_help="Print the whole comparison as one JSON object (no progress).")
+
+    what = "Temperature-scale a run on validation data and save the calibrated run."
+    p = sub.add_parser("calibrate", help=what, description=what + " The temperature minimises the validation NLL; "
+                       "the new run predicts, evaluates and loads like the original.")
+    p.add_argument("run", help="A run folder written by `lmtune fit`.")
+    p.add_argument("--val", required=True, help="Labeled validation data (not the training data).")
+    p.add_argument("--out", required=True, help="Run folder to write (replaced atomically if it is a run).")
+    p.add_argument("--model", default=None, help="Base model (default: the run's).")
+    _run_args(p, json_help="Print the calibration as one JSON object.")
 
     sub.add_parser("methods", help="List the available methods.")
     return parser
@@ -446,6 +457,20 @@ def cmd_compare(args) -> int:
     return 0
 
 
+def cmd_calibrate(args) -> int:
+    from lmtune.calibration import calibrate_run
+    from lmtune.data import open_data
+
+    val = open_data(args.val)  # before the model loads
+    ts = calibrate_run(args.run, val, args.out, model=args.model, **_common(args))
+    if args.json:
+        print(json.dumps({"run": str(ts.path_), **ts.card()}))
+    else:
+        print(f"temperature {ts.temperature_:.4g}" + (" (at the bound of the search)" if ts.at_bound_ else "")
+              + f": validation NLL {ts.val_nll_['before']:.4f} -> {ts.val_nll_['after']:.4f}; saved to {ts.path_}")
+    return 0
+
+
 def cmd_methods(args) -> int:
     from lmtune.methods import METHODS
 
@@ -455,7 +480,7 @@ def cmd_methods(args) -> int:
 
 
 COMMANDS = {"fit": cmd_fit, "eval": cmd_eval, "predict": cmd_predict, "merge": cmd_merge, "spectrum": cmd_spectrum,
-            "demo": cmd_demo, "compare": cmd_compare,
+            "demo": cmd_demo, "compare": cmd_compare, "calibrate": cmd_calibrate,
             "methods": cmd_methods}
 
 

@@ -11,7 +11,10 @@ measured here rather than quoted:
   and how many answers changed against the zero-shot model;
 * **training speed**: wall time of ``fit``;
 * **inference cost**: seconds per example of a fresh estimator loaded from the saved run, and for the
-  LoRA family also of the merged model (:func:`lmtune.merge.merged_lm`).
+  LoRA family also of the merged model (:func:`lmtune.merge.merged_lm`);
+* **calibration**: ECE, NLL and Brier with a reliability diagram per method and, when validation data is
+  given, the same after temperature scaling on it (:mod:`lmtune.calibration`), the baseline a method with a
+  posterior (``NAME+MODE``, e.g. ``closed-form+exact``: the method fitted with ``bayes=MODE``) must beat.
 
 Design
 ------
@@ -51,6 +54,8 @@ ROW_KEYS = (
     "method",
     # quality
     "accuracy", "macro_f1", "nll", "ece", "brier", "flipped", "net_gain",
+    # calibration: temperature scaling fitted on the validation data (None without it)
+    "temperature", "ts_nll", "ts_ece", "ts_brier",
     # parameter efficiency
     "trainable_params", "base_params", "trainable_share", "adapter_bytes",
     # training speed
@@ -61,12 +66,23 @@ ROW_KEYS = (
     "latency_ms", "merged_latency_ms", "merged_max_prob_diff",
     "run",
 )
-REPORT_FILES = ("report.md", "report.csv", "report.json", "quality_vs_params.png", "quality_vs_time.png")
+REPORT_FILES = ("report.md", "report.csv", "report.json", "quality_vs_params.png", "quality_vs_time.png",
+                "reliability.png")
 LATENCY_REPEATS = 3
+
+
+def split_method(name: str) -> tuple[str, str | None]:
+    """``"closed-form+exact"`` -> ``("closed-form", "exact")``: a method and the posterior (``bayes``) it is
+    fitted with; ``("lora", None)`` for a plain name."""
+    base, _, bayes = name.partition("+")
+    return base, (bayes or None)
 
 
 def check_methods(methods, options: dict | None = None) -> list[str]:
     """The method names in ``methods`` (a list or a comma-separated string), checked, in registry order.
+
+    A name is a method of :data:`lmtune.methods.METHODS`, or ``NAME+MODE`` for the method fitted with
+    ``bayes=MODE`` (one of its ``bayes_modes``); each posterior follows its plain method.
 
     Raises
     ------
@@ -77,10 +93,18 @@ def check_methods(methods, options: dict | None = None) -> list[str]:
 
     names = [m.strip() for m in methods.split(",")] if isinstance(methods, str) else [str(m) for m in methods]
     names = [m for m in names if m]
-    unknown = [m for m in names if m not in METHODS]
+    unknown = [m for m in names if split_method(m)[0] not in METHODS]
     if unknown:
+        posteriors = [f"{n}+{b}" for n, cls in METHODS.items() for b in getattr(cls, "bayes_modes", ())]
         raise LmtuneError(f"unknown method{'s' if len(unknown) > 1 else ''} {', '.join(unknown)}; "
-                          f"known methods: {', '.join(METHODS)}")
+                          f"known methods: {', '.join(METHODS)}"
+                          + (f"; with a posterior: {', '.join(posteriors)}" if posteriors else ""))
+    for m in names:
+        base, bayes = split_method(m)
+        modes = getattr(METHODS[base], "bayes_modes", ())
+        if bayes is not None and bayes not in modes:
+            raise LmtuneError(f"{m}: {base} " + (f"offers the posteriors {', '.join(modes)}, not {bayes}" if modes
+                                                 else "has no posterior"))
     if not names:
         raise LmtuneError(f"no methods to compare; known methods: {', '.join(METHODS)}")
     twice = sorted({m for m in names if names.count(m) > 1})
@@ -90,7 +114,14 @@ def check_methods(methods, options: dict | None = None) -> list[str]:
     if stray:
         raise LmtuneError(f"options given for {', '.join(stray)}, which {'is' if len(stray) == 1 else 'are'} "
                           f"not among the compared methods ({', '.join(names)})")
-    return [m for m in METHODS if m in names]
+    order = list(METHODS)
+
+    def rank(m):
+        base, bayes = split_method(m)
+        modes = getattr(METHODS[base], "bayes_modes", ())
+        return order.index(base), -1 if bayes is None else modes.index(bayes)
+
+    return sorted(names, key=rank)
 
 
 def route_options(given: dict, methods, training: Iterable[str]) -> dict[str, dict]:
@@ -124,7 +155,7 @@ def route_options(given: dict, methods, training: Iterable[str]) -> dict[str, di
     out: dict[str, dict] = {}
     used = set()
     for name in methods:
-        cls = METHODS[name]
+        cls = METHODS[split_method(name)[0]]
         if not issubclass(cls, TunedClassifier):
             continue
         mine = {k: v for k, v in given.items() if k in training or k in cls.options}
@@ -200,15 +231,18 @@ def _build(cls, lm, task, shared: dict, opts: dict):
 
 def _measure(name: str, lm, task, train, test, *, val=None, options: dict | None = None, runs_dir: Path,
             shared: dict, latency_data=None, log: Callable[[str], None] = lambda msg: None) -> dict:
-    """Fit, save, evaluate and time one method; its row of the comparison (keys :data:`ROW_KEYS`)."""
-    from lmtune.evaluate import evaluate
+    """Fit, save, evaluate and time one method; its row of the comparison (keys :data:`ROW_KEYS`) and its
+    calibration entry (:func:`lmtune.calibration.calibration_summary`)."""
+    from lmtune.calibration import calibration_summary
+    from lmtune.evaluate import evaluate_logits
     from lmtune.merge import MERGEABLE, merged_lm
     from lmtune.methods import METHODS, ZeroShotClassifier, load_run
     from lmtune.profiling import PeakMemory, release_free_memory
 
     row = dict.fromkeys(ROW_KEYS)
     row["method"] = name
-    est = _build(METHODS[name], lm, task, shared, options or {})
+    base_name, bayes = split_method(name)
+    est = _build(METHODS[base_name], lm, task, shared, {**(options or {}), **({"bayes": bayes} if bayes else {})})
     cache = est.cache
     est.cache = False  # cold fit: see the module docstring
     release_free_memory()
@@ -232,11 +266,16 @@ def _measure(name: str, lm, task, train, test, *, val=None, options: dict | None
     row.update(trainable_params=n, base_params=int(base), trainable_share=n / base)
 
     log(f"{name}: evaluating on {len(test)} records ...")
-    ev = evaluate(est, test)
+    logits, base_logits, y, ds = est.label_logits(test, labeled=True, base=est.method != "zero-shot")
+    ev = evaluate_logits(est, ds, logits, base_logits, y)
     m = ev["metrics"]
     row.update({k: m[k] for k in ("accuracy", "macro_f1", "nll", "ece", "brier")})
     if "flips" in ev:
         row.update(flipped=ev["flips"]["flipped"], net_gain=ev["flips"]["net_gain"])
+    if val is not None:
+        log(f"{name}: temperature scaling on {len(val)} validation records ...")
+    fields, calib = calibration_summary(est, logits, y, task.labels, val=val, n_bins=m["ece_bins"])
+    row.update(fields)
     del est
     release_free_memory()
 
@@ -254,7 +293,7 @@ def _measure(name: str, lm, task, train, test, *, val=None, options: dict | None
             del merged
         del fresh
         release_free_memory()
-    return row
+    return row, calib
 
 
 def compare(model, task, train, test, methods, *, val=None, options: dict | None = None, out=None,
@@ -272,7 +311,8 @@ def compare(model, task, train, test, methods, *, val=None, options: dict | None
     methods : list of str or str
         Method names from :data:`lmtune.methods.METHODS` (a list or ``"zero-shot,lora"``).
     val : Dataset, str or None
-        Validation data for the gradient methods (best epoch); the others ignore it.
+        Validation data for the gradient methods (best epoch), and for the temperature of every method's
+        temperature-scaled variant.
     options : dict or None
         ``{method: {parameter: value}}``: constructor arguments of single methods (``{"lora": {"rank": 4}}``).
     out : str, Path or None
@@ -293,8 +333,10 @@ def compare(model, task, train, test, methods, *, val=None, options: dict | None
     -------
     dict
         JSON-able: ``{"model", "model_fingerprint", "task", "train", "val", "test"`` (each ``{"path", "n",
-        "sha256"}``, ``val`` None when not given), ``"latency_examples", "rows", "environment",
-        "seconds"}``; ``rows`` holds one dict per method with the keys :data:`ROW_KEYS`.
+        "sha256"}``, ``val`` None when not given), ``"latency_examples", "rows", "calibration", "environment",
+        "seconds"}``; ``rows`` holds one dict per method with the keys :data:`ROW_KEYS`; ``calibration`` is
+        ``{"n_bins", "methods": {method: entry}}`` with the reliability bins of every method (and of its
+        temperature-scaled variant), see :func:`lmtune.calibration.calibration_summary`.
     """
     from lmtune.data import Dataset, open_data
     from lmtune.models import as_lm
@@ -326,9 +368,11 @@ def compare(model, task, train, test, methods, *, val=None, options: dict | None
             shared["batch_size"] = batch_size
         n_lat = min(latency_examples, len(test_ds))
         latency_data = test_ds.subset(range(n_lat)) if n_lat else None
-        rows = [_measure(name, lm, task, train_ds, test_ds, val=val_ds, options=(options or {}).get(name),
-                         runs_dir=runs_dir, shared=shared, latency_data=latency_data, log=log)
-                for name in names]
+        measured = [_measure(name, lm, task, train_ds, test_ds, val=val_ds, options=(options or {}).get(name),
+                             runs_dir=runs_dir, shared=shared, latency_data=latency_data, log=log)
+                    for name in names]
+        rows = [row for row, _ in measured]
+        calibration = {"n_bins": 15, "methods": {row["method"]: c for row, c in measured}}
     finally:
         if tmp is not None:
             shutil.rmtree(tmp, ignore_errors=True)
@@ -340,8 +384,8 @@ def compare(model, task, train, test, methods, *, val=None, options: dict | None
             r["run"] = os.path.relpath(r["run"], out)
     result = {"model": lm.name, "model_fingerprint": lm.fingerprint, "task": task.to_dict(),
               "train": _data_info(train_ds), "val": None if val_ds is None else _data_info(val_ds),
-              "test": _data_info(test_ds), "latency_examples": n_lat, "rows": rows, "environment": environment(lm),
-              "seconds": time.perf_counter() - t_start}
+              "test": _data_info(test_ds), "latency_examples": n_lat, "rows": rows, "calibration": calibration,
+              "environment": environment(lm), "seconds": time.perf_counter() - t_start}
     from lmtune.metrics import to_jsonable
 
     result = to_jsonable(result)
@@ -379,7 +423,9 @@ def rows_csv(rows: list[dict]) -> str:
 
 
 def write_reports(result: dict, out) -> dict[str, Path]:
-    """Write ``report.md``, ``report.csv``, ``report.json`` and the two plots into ``out``; their paths."""
+    """Write ``report.md``, ``report.csv``, ``report.json``, the two plots, the combined reliability diagram
+    and one per method (``reliability/<method>.png``) into ``out``; their paths."""
+    from lmtune.calibration import reliability_figure, reliability_overlay
     from lmtune.report import compare_markdown, plot_quality
 
     out = Path(out)
@@ -397,4 +443,18 @@ def write_reports(result: dict, out) -> dict[str, Path]:
              "Test accuracy against training time")):
         fig = plot_quality(rows, key, xlabel, title)
         paths[fname] = _atomic(out / fname, lambda tmp: fig.savefig(tmp, format="png"))
+    calib = result.get("calibration") or {"methods": {}}
+    curves = []
+    for name, c in calib["methods"].items():
+        panels = [(name, c["reliability"], c["ece"])]
+        curves.append((name, c["reliability"], c["ece"]))
+        if c.get("ts_reliability"):
+            panels.append((f"{name}, temperature-scaled (T = {c['temperature']:.3g})", c["ts_reliability"],
+                           c["ts_ece"]))
+        fig = reliability_figure(panels)
+        (out / "reliability").mkdir(exist_ok=True)
+        fname = f"reliability/{name}.png"
+        paths[fname] = _atomic(out / fname, lambda tmp: fig.savefig(tmp, format="png"))
+    fig = reliability_overlay(curves, title="Reliability on the test set (marker area: share of records)")
+    paths["reliability.png"] = _atomic(out / "reliability.png", lambda tmp: fig.savefig(tmp, format="png"))
     return paths

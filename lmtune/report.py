@@ -132,6 +132,43 @@ def compare_markdown(result: dict) -> str:
              f"divided by the number of records. A LoRA-family adapter is attached for every call; merged is "
              f"the same measurement on a copy of the base model with the adapter folded into its weights (no "
              f"extra matmuls), for the methods that allow it.", ""]
+    return "\n".join(lines) + calibration_markdown(result)
+
+
+CALIBRATION_COLUMNS = [("method", "method"), ("temperature", "T"), ("accuracy", "accuracy"), ("nll", "NLL"),
+                       ("ece", "ECE"), ("brier", "Brier"), ("diagram", "reliability diagram")]
+
+
+def calibration_markdown(result: dict) -> str:
+    """The report's calibration section: each method, and each temperature-scaled one when validation data
+    was given, with its reliability diagram."""
+    calib = result.get("calibration")
+    if not calib or not calib.get("methods"):
+        return ""
+    scaled = result.get("val") is not None
+    rows = []
+    for r in result["rows"]:
+        link = f"[png](reliability/{r['method']}.png)"
+        rows.append({**r, "temperature": None, "diagram": link})
+        if scaled and r.get("temperature") is not None:
+            at_bound = (calib["methods"].get(r["method"]) or {}).get("at_bound")
+            rows.append({"method": f"{r['method']}, temperature-scaled",
+                         "temperature": f"{r['temperature']:.4g}" + (" (search bound)" if at_bound else ""),
+                         "accuracy": r["accuracy"], "nll": r["ts_nll"], "ece": r["ts_ece"], "brier": r["ts_brier"],
+                         "diagram": link})
+    lines = ["", "## Calibration", "",
+             f"Top-label calibration on the test set: ECE over {calib['n_bins']} equal-width confidence bins, NLL "
+             "and Brier (as in the table above); each diagram plots the accuracy of every bin against its mean "
+             "confidence, with the records per bin underneath. `reliability.png` overlays all methods.", ""]
+    if scaled:
+        lines += ["Each method is also shown **temperature-scaled**: its logits divided by the one temperature T "
+                  "that minimises the NLL on the validation data (`lmtune.calibration`). Accuracy does not change "
+                  "(T > 0 keeps every argmax); T > 1 means the method was over-confident. A method with a "
+                  "posterior (`NAME+MODE`) should beat its plain method's temperature-scaled row to earn its "
+                  "cost on calibration.", ""]
+    else:
+        lines += ["No validation data was given (`--val`), so no temperature-scaled rows.", ""]
+    lines += [table(rows, CALIBRATION_COLUMNS), ""]
     return "\n".join(lines)
 
 
@@ -155,7 +192,8 @@ def plot_quality(rows: list[dict], x_key: str, xlabel: str, title: str):
     palette = colormaps["tab10"]
 
     def colour(r):
-        return palette(order.index(r["method"]) % 10) if r["method"] in order else "0.2"
+        base = r["method"].partition("+")[0]  # a posterior (closed-form+exact) keeps its method's colour
+        return palette(order.index(base) % 10) if base in order else "0.2"
 
     fig = Figure(figsize=(6.4, 4.4), dpi=120)
     ax = fig.add_subplot()

@@ -46,6 +46,11 @@ def load_run(path, model=None, **kwargs):
         warnings.warn(f"{path} was fitted on model {card['model']!r} (fingerprint {card['model_fingerprint']}); "
                       f"{lm.name!r} has fingerprint {lm.fingerprint}: predictions may be meaningless", stacklevel=2)
     try:
-        return METHODS[method].from_card(card, Path(path), lm, **kwargs)
+        est = METHODS[method].from_card(card, Path(path), lm, **kwargs)
+        if card.get("calibration"):  # a run saved by lmtune.calibration.TemperatureScaled
+            from lmtune.calibration import TemperatureScaled
+
+            est = TemperatureScaled.from_card(card, est)
+        return est
     except (OSError, KeyError, TypeError, ValueError) as e:  # a missing or damaged file, a hand-edited card
         raise LmtuneError(f"{path}: damaged run folder ({type(e).__name__}: {e})") from None
