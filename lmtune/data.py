@@ -20,7 +20,8 @@ from typing import Iterable, Iterator, Mapping
 
 from lmtune.errors import DataError, LmtuneError
 
-BUILTIN_DATASETS = {"reviews": "reviews.jsonl", "instruct": "instruct.jsonl", "heldtext": "heldtext.jsonl"}
+BUILTIN_DATASETS = {"reviews": "reviews.jsonl", "instruct": "instruct.jsonl", "heldtext": "heldtext.jsonl",
+                    "mcqa": "mcqa.jsonl"}
 
 
 @dataclass
