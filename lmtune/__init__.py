@@ -12,6 +12,7 @@ The public API, re-exported::
 
 __version__ = "0.1.0"
 
+from lmtune.calibration import TemperatureScaled, calibrate_run
 from lmtune.data import Dataset, Template, load_builtin, open_data, read_records
 from lmtune.errors import DataError, LmtuneError
 from lmtune.evaluate import evaluate, predict_records
@@ -28,6 +29,6 @@ __all__ = [
     "DEFAULT_MODEL", "LM", "METHODS", "AdaLoraClassifier", "AdapterClassifier", "AdapterSwitch",
     "ClassificationTask", "ClosedFormClassifier", "DataError", "Dataset", "Features", "FullClassifier",
     "LastLayersClassifier", "LmtuneError", "LoraClassifier", "NormTuningClassifier", "PromptTuningClassifier",
-    "Template", "ZeroShotClassifier", "cached_extract", "evaluate", "extract", "load_builtin", "load_model",
-    "load_run", "merge", "open_data", "predict_records", "read_records",
+    "TemperatureScaled", "Template", "ZeroShotClassifier", "cached_extract", "calibrate_run", "evaluate", "extract",
+    "load_builtin", "load_model", "load_run", "merge", "open_data", "predict_records", "read_records",
 ]

@@ -57,8 +57,8 @@ from scipy.special import log_softmax
 
 from lmtune.errors import LmtuneError
 
-__all__ = ["TemperatureScaled", "calibrate_run", "fit_temperature", "temperature_nll", "calibration_summary", "reliability_figure",
-           "reliability_overlay", "T_BOUNDS"]
+__all__ = ["TemperatureScaled", "calibrate_run", "fit_temperature", "temperature_nll", "calibration_summary",
+           "reliability_figure", "reliability_overlay", "T_BOUNDS"]
 
 T_BOUNDS = (1e-2, 1e2)
 _XATOL = 1e-6  # on log T: T to about 6 significant digits

@@ -260,7 +260,7 @@ def data():
 @pytest.mark.parametrize("predictive", ["probit", "mc"])
 def test_save_and_load_give_identical_predictions(tmp_path, tiny_lm, review_task, data, predictive):
     train, test = data
-    est = ClosedFormClassifier(tiny_lm, review_task, bayes="exact", predictive=predictive, samples=300,
+    est = ClosedFormClassifier(tiny_lm, review_task, bayes="exact", predictive=predictive, mc_samples=300,
                                progress=False).fit(train)
     est.save(tmp_path / "run")
     card = json.loads((tmp_path / "run/card.json").read_text())
@@ -295,7 +295,8 @@ def test_cli_fit_bayes_exact_and_predict_with_uncertainty(tmp_path, capsys, tiny
     assert "evidence: log p(targets)" in out and "exact posterior" in out
     card = json.loads((tmp_path / "run/card.json").read_text())
     assert card["fitted"]["lambda_selection"]["criterion"] == "evidence"
-    assert card["fitted"]["lam"] == pytest.approx(card["fitted"]["evidence"]["alpha"] / card["fitted"]["evidence"]["beta"])
+    evidence = card["fitted"]["evidence"]
+    assert card["fitted"]["lam"] == pytest.approx(evidence["alpha"] / evidence["beta"])
     assert main(["predict", str(tmp_path / "run"), "--data", str(tmp_path / "test.jsonl")]) == 0
     rows = [json.loads(line) for line in capsys.readouterr().out.splitlines()]
     assert len(rows) == len(test) and all(set(r["uncertainty"]) == {"entropy", "logit_std"} for r in rows)

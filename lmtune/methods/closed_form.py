@@ -107,7 +107,7 @@ class ClosedFormClassifier(LabelTokenClassifier):
     predictive : {"probit", "mc"}
         How the posterior predictive turns Gaussian logits into probabilities: the probit (mean-field)
         approximation, or Monte Carlo.
-    samples : int
+    mc_samples : int
         Monte Carlo draws per record (``predictive="mc"``).
     seed : int
         Seed of the Monte Carlo draws (the same draws serve every record, so predictions are reproducible).
@@ -136,7 +136,7 @@ class ClosedFormClassifier(LabelTokenClassifier):
     def __init__(self, model: "LM | str" = DEFAULT_MODEL, task: ClassificationTask | None = None, *,
                  lam: float | None = None, criterion: str = "gcv", smoothing: float = 0.1,
                  fit_intercept: bool = True, bayes: str | None = None, predictive: str = "probit",
-                 samples: int = 1000, seed: int = 0, batch_size: int = 16, progress: bool | None = None,
+                 mc_samples: int = 1000, seed: int = 0, batch_size: int = 16, progress: bool | None = None,
                  cache: bool = True):
         super().__init__(model, task, batch_size=batch_size, progress=progress, cache=cache)
         self.lam = lam
@@ -145,7 +145,7 @@ class ClosedFormClassifier(LabelTokenClassifier):
         self.fit_intercept = fit_intercept
         self.bayes = bayes
         self.predictive = predictive
-        self.samples = samples
+        self.mc_samples = mc_samples
         self.seed = seed
 
     def fit(self, data) -> "ClosedFormClassifier":
@@ -199,7 +199,7 @@ class ClosedFormClassifier(LabelTokenClassifier):
         if self.bayes not in (None, *BAYES_MODES):
             raise LmtuneError(f"closed-form offers bayes={', '.join(BAYES_MODES)} (or None); got {self.bayes!r}")
         try:
-            bayes_linear._check_predictive(self.predictive, self.samples)
+            bayes_linear._check_predictive(self.predictive, self.mc_samples)
         except ValueError as e:
             raise LmtuneError(str(e)) from None
 
@@ -213,7 +213,7 @@ class ClosedFormClassifier(LabelTokenClassifier):
     def _predictive(self, feats: Features) -> tuple[np.ndarray, np.ndarray]:
         """Log posterior-predictive probabilities (N, K) and the variance of each adapted logit (N,)."""
         var = self.posterior_.variance(feats.Z)  # (N,)
-        return bayes_linear.gaussian_softmax(self._mean_logits(feats), var, self.predictive, self.samples,
+        return bayes_linear.gaussian_softmax(self._mean_logits(feats), var, self.predictive, self.mc_samples,
                                              self.seed), var
 
     def logits(self, feats: Features) -> np.ndarray:
@@ -253,7 +253,7 @@ class ClosedFormClassifier(LabelTokenClassifier):
             **self.base_card(),
             "params": {"lam": self.lam, "criterion": self.criterion, "smoothing": self.smoothing,
                        "fit_intercept": self.fit_intercept, "bayes": self.bayes, "predictive": self.predictive,
-                       "samples": self.samples, "seed": self.seed},
+                       "mc_samples": self.mc_samples, "seed": self.seed},
             "fitted": {"lam": self.lam_, "solver": sol.solver, "condition_number": _finite(sol.condition_number),
                        "lambda_selection": None if sel is None else {
                            "criterion": sel.criterion, "grid": [float(v) for v in sel.grid],
@@ -286,7 +286,8 @@ class ClosedFormClassifier(LabelTokenClassifier):
         est = cls(model, ClassificationTask.from_dict(card["task"]), lam=p.get("lam"),
                   criterion=p.get("criterion", "gcv"), smoothing=p.get("smoothing", 0.1),
                   fit_intercept=p.get("fit_intercept", True), bayes=p.get("bayes"),
-                  predictive=p.get("predictive", "probit"), samples=p.get("samples", 1000), seed=p.get("seed", 0),
+                  predictive=p.get("predictive", "probit"), mc_samples=p.get("mc_samples", 1000),
+                  seed=p.get("seed", 0),
                   **kwargs)
         t = load_file(str(Path(folder) / HEAD_FILE))
         est.weight_, est.bias_ = t["W"], t["b"]
