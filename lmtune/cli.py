@@ -86,7 +86,7 @@ def _run_args(p: argparse.ArgumentParser,
 TRAINING_OPTIONS = ("epochs", "lr", "grad_accum", "weight_decay", "warmup", "schedule", "clip", "patience", "val",
                     "val_metric", "seed", "max_steps", "gradient_checkpointing", "checkpoint_dir", "resume", "pack")
 CHOICES = {"schedule": ["cosine", "linear", "constant"], "val_metric": ["nll", "accuracy"],
-           "init": ["default", "gaussian", "pissa"], "placement": ["both", "mlp"]}
+           "init": ["default", "gaussian", "pissa"], "placement": ["both", "mlp"], "predictive": ["mc", "probit"]}
 
 
 BAYES_MODES = ["laplace", "svgd", "exact"]
@@ -99,7 +99,7 @@ def _bayes_methods() -> dict[str, list[str]]:
     return {m: [name for name, cls in METHODS.items() if m in getattr(cls, "bayes_modes", ())] for m in BAYES_MODES}
 
 
-NONE_DEFAULT_TYPES = {"lr": float, "max_steps": int, "patience": int}
+NONE_DEFAULT_TYPES = {"lr": float, "max_steps": int, "patience": int, "prior_precision": float}
 
 
 def _option_type(default, name: str = ""):

@@ -1,0 +1,663 @@
+"""Laplace-LoRA: a Gaussian posterior over the LoRA factors, with KFAC curvature (seed 003).
+
+After ordinary (MAP) LoRA training, the posterior over the adapter parameters theta (every A and B) is
+approximated by a Gaussian at the MAP (Yang et al. 2024, "Bayesian low-rank adaptation for large language
+models"; the Laplace approximation as in MacKay 1992 and Immer et al. 2021):
+
+    p(theta | D) ~= N(theta*, Sigma),      Sigma^-1 = GGN(theta*) + delta I
+
+with the likelihood of the label-token classifier, ``log p(y | x, theta) = log softmax(f(x; theta))_y``,
+``f`` the K label-token logits at the prompt's last position (never the full vocabulary).
+
+Curvature
+---------
+* **The exact GGN, not a sampled Fisher.** ``GGN = sum_n J_n' H_n J_n`` with ``H_n = diag(p_n) - p_n p_n'``
+  the Hessian of the categorical log-likelihood in the logits. ``H_n`` has rank K - 1 (the all-ones
+  direction has eigenvalue 0), so its eigendecomposition ``H_n = sum_{j<K} u_j u_j'`` (eigenvalues folded
+  into the ``u_j``) gives the GGN exactly with K - 1 backward passes per batch: one for a binary task.
+* **KFAC per LoRA factor.** Each factor is a linear map ``s = W a`` (``W`` of shape (out, in): A is
+  (r, d_in), B is (d_out, r)) applied at every token of the prompt. Its GGN block is approximated by a
+  Kronecker product ``G (x) A`` (row-major ``vec(W)``; Martens and Grosse 2015). The token dimension is
+  handled with **KFAC-reduce** (Eschenhagen et al. 2023): ``a_n = mean_t a_{n,t}``,
+  ``g_{n,j} = sum_t g_{n,t,j}`` (``g`` the backpropagated ``u_j`` at the output of ``W``), and
+
+      A = 1/N sum_n a_n a_n'        G = sum_{n,j} g_{n,j} g_{n,j}'
+
+  Reduce suits this loss: the weight-shared token dimension is reduced (to one position per prompt)
+  before the likelihood, the setting in which it is exact for deep linear networks; KFAC-expand (every
+  token an example, ``A = 1/#tokens sum a a'``) is available as ``weight_sharing="expand"``. With one
+  token per example and one example (or equal ``H_n`` for all examples) both are exact (tested).
+* **Wide factors.** A LoRA factor is narrow on one side (r) and wide on the other (d_in or d_out). A wide
+  side up to ``FULL_FACTOR_MAX_DIM`` (2048; its float64 accumulator is 32 MB) is kept whole: every
+  factor of SmolLM2-135M (576 and 1536) is. A wider one is kept as a streaming low-rank sketch: each
+  batch's vectors are appended as columns of ``S`` (d x m), compressed by an SVD to the top ``rank``
+  directions whenever m passes ``4 rank``, and the dropped directions are replaced by one **isotropic
+  remainder** whose eigenvalue is their mean (the factor's trace, accumulated exactly, is preserved).
+  Laplace-LoRA uses low rank plus a diagonal; the isotropic remainder is chosen here because it keeps
+  one eigenbasis, so the Kronecker eigendecomposition below (log determinant, evidence, predictive
+  variance) stays exact for the approximated factor, and needs only the d x rank basis.
+
+Posterior, evidence, prior
+--------------------------
+With ``G = Q_G diag(e) Q_G'`` and ``A = Q_A diag(s) Q_A'``, the precision block ``G (x) A + delta I`` has
+eigenvectors ``Q_G (x) Q_A`` and eigenvalues ``e_i s_j + delta``: inverse and log determinant cost
+nothing more. The prior is ``N(0, delta^-1 I)`` on every LoRA parameter, one ``delta`` for all, chosen by
+maximising the Laplace evidence (marginal likelihood)
+
+    log p(D | delta) ~= log p(D | theta*) - delta/2 ||theta*||^2 + P/2 log delta - 1/2 sum_i log(lambda_i + delta)
+
+(``lambda_i`` the P eigenvalues of the KFAC GGN). It is strictly concave in ``log delta``, so the
+maximiser is the root of its derivative, found by a bracketed search (``scipy.optimize.brentq``). As in
+post-hoc Laplace generally, ``theta*`` was trained without this prior (LoRA trains with no penalty or
+AdamW's decoupled decay); the evidence is evaluated at the trained adapter, not re-optimised.
+
+Predictive
+----------
+The linearised (GLM) predictive: ``f(x; theta) ~= f(x; theta*) + J(x) (theta - theta*)``, so
+``f ~ N(f*, J Sigma J')`` with ``J`` (K x P) the Jacobian of the K label logits. ``J`` is exact per example:
+the hooks capture every LoRA factor's input ``a_t`` and, over K backward passes (one per logit), the
+gradients ``g_t`` at its output, so ``J_W = sum_t g_t a_t'``; ``Sigma`` is applied through the eigenbases
+(``J Sigma J'`` never forms Sigma). Probabilities: ``"mc"`` averages softmax over samples
+``f* + L xi`` (``L L' = J Sigma J'``; the ``xi`` are drawn once per call from a seeded generator and shared
+by all records, so a record's prediction depends on nothing but the record), or ``"probit"``:
+``softmax(f*_k / sqrt(1 + pi/8 Lambda_kk))``.
+
+Why not laplace-torch
+---------------------
+laplace-torch offers exactly these pieces (KFAC, marginal-likelihood prior tuning, the GLM predictive
+with MC or probit link), but not for this setting: version 0.3 requires a newer torch than the pinned
+2.13.0 and brings torchvision, backpack and curvlinops with it; it expects ``model(X)`` on tensors from a
+DataLoader, while lmtune's forward takes token lists of varying length, reuses cached activations of the
+frozen lower layers, and reads K label-token logits from the last position; its KFAC backends see the
+LoRA linears inside PEFT but treat the token dimension their own way, and it has no low-rank treatment
+of wide factors. What is needed is about 300 lines of tensor algebra over hooks, written here.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import functools
+import math
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable, Iterable
+
+import numpy as np
+import torch
+
+from lmtune.errors import LmtuneError
+
+FULL_FACTOR_MAX_DIM = 2048
+WEIGHT_SHARING = ("reduce", "expand")
+PREDICTIVES = ("mc", "probit")
+
+
+# ----------------------------------------------------------------------------------------------------
+# Kronecker factors.
+
+@dataclass
+class KronFactor:
+    """Eigendecomposition of one symmetric PSD Kronecker factor of dimension ``dim``.
+
+    ``Q`` (dim, m) has orthonormal columns with eigenvalues ``lam`` (m,); the other ``dim - m`` directions
+    (the orthogonal complement, never formed) share the eigenvalue ``rest``. ``m == dim`` for a factor
+    kept whole.
+    """
+
+    Q: torch.Tensor
+    lam: torch.Tensor
+    rest: float
+    dim: int
+
+    @property
+    def m(self) -> int:
+        return self.Q.shape[1]
+
+    @property
+    def complement(self) -> int:
+        return self.dim - self.m
+
+    def spectrum(self) -> tuple[np.ndarray, np.ndarray]:
+        """Distinct eigenvalues and their multiplicities (the remainder counted ``dim - m`` times)."""
+        v = self.lam.double().cpu().numpy()
+        c = np.ones_like(v)
+        if self.complement:
+            v, c = np.append(v, self.rest), np.append(c, self.complement)
+        return v, c
+
+    def matrix(self) -> torch.Tensor:
+        """The factor as a dense (dim, dim) float64 matrix (for tests and small checks)."""
+        Q = self.Q.double()
+        M = Q @ torch.diag(self.lam.double()) @ Q.T
+        if self.complement:
+            M = M + self.rest * (torch.eye(self.dim, dtype=torch.float64) - Q @ Q.T)
+        return M
+
+
+class FactorAccumulator:
+    """``sum x x'`` over the rows ``x`` given to :meth:`add`: a dense matrix, or a low-rank sketch when wide.
+
+    Parameters
+    ----------
+    dim : int
+    rank : int
+        Directions kept by the sketch of a factor wider than ``max_full_dim``.
+    max_full_dim : int
+        Widest factor accumulated densely.
+    """
+
+    def __init__(self, dim: int, rank: int = 128, max_full_dim: int = FULL_FACTOR_MAX_DIM):
+        self.dim = dim
+        self.rank = max(1, min(rank, dim))
+        self.full = dim <= max_full_dim
+        self.M = torch.zeros((dim, dim), dtype=torch.float64) if self.full else None
+        self.S = torch.zeros((dim, 0), dtype=torch.float64)
+        self.trace = 0.0
+
+    def add(self, X: torch.Tensor) -> None:
+        """Add the rows of ``X`` (n, dim)."""
+        X = X.detach().to("cpu", torch.float64)
+        self.trace += float((X * X).sum())
+        if self.full:
+            self.M.addmm_(X.T, X)
+            return
+        self.S = torch.cat([self.S, X.T], dim=1)
+        if self.S.shape[1] > 4 * self.rank:
+            self._compress()
+
+    def _compress(self) -> None:
+        U, s, _ = torch.linalg.svd(self.S, full_matrices=False)
+        self.S = U[:, :self.rank] * s[:self.rank]
+
+    def factor(self, scale: float = 1.0) -> KronFactor:
+        """The eigendecomposition of ``scale * sum x x'`` (float32 bases, as stored)."""
+        if self.full:
+            lam, Q = torch.linalg.eigh(self.M * scale)
+            return KronFactor(Q.float(), lam.clamp_min(0).float(), 0.0, self.dim)
+        self._compress()
+        U, s, _ = torch.linalg.svd(self.S, full_matrices=False)
+        k = min(self.rank, int((s > 0).sum()) or 1)
+        lam = s[:k] ** 2 * scale
+        rest = max(self.trace * scale - float(lam.sum()), 0.0) / max(self.dim - k, 1)
+        return KronFactor(U[:, :k].float(), lam.float(), rest, self.dim)
+
+
+# ----------------------------------------------------------------------------------------------------
+# Hooks: inputs of every factor and gradients at its output.
+
+class Capture:
+    """Forward hooks on linear modules: each call's input (B, T, in), detached, and output (B, T, out).
+
+    Each module must run once per forward pass (a LoRA factor does); :meth:`output_grads` backpropagates
+    given vectors from the logits to every captured output.
+    """
+
+    def __init__(self, modules: dict[str, torch.nn.Module]):
+        self.modules = modules
+        self.inputs: dict[str, torch.Tensor] = {}
+        self.outputs: dict[str, torch.Tensor] = {}
+        self._handles = []
+
+    def __enter__(self) -> "Capture":
+        for name, mod in self.modules.items():
+            self._handles.append(mod.register_forward_hook(self._hook(name)))
+        return self
+
+    def __exit__(self, *exc) -> None:
+        for h in self._handles:
+            h.remove()
+        self._handles = []
+
+    def _hook(self, name: str):
+        def hook(mod, inp, out):
+            if name in self.outputs:
+                raise LmtuneError(f"{name} ran twice in one forward pass: KFAC needs one call per module")
+            self.inputs[name] = _as_3d(inp[0].detach())
+            self.outputs[name] = out
+        return hook
+
+    def clear(self) -> None:
+        self.inputs, self.outputs = {}, {}
+
+    def output_grads(self, logits: torch.Tensor, V: torch.Tensor) -> dict[str, torch.Tensor]:
+        """``{name: (J, B, T, out)}``: the vectors ``V[:, :, j]`` (B, K) backpropagated to each output."""
+        names = list(self.outputs)
+        missing = [n for n in self.modules if n not in self.outputs]
+        if missing:
+            raise LmtuneError(f"modules {', '.join(missing[:3])} did not run in the forward pass")
+        outs = [self.outputs[n] for n in names]
+        per_j = []
+        for j in range(V.shape[2]):
+            gs = torch.autograd.grad(logits, outs, grad_outputs=V[:, :, j].to(logits.dtype), retain_graph=True,
+                                     allow_unused=True)
+            per_j.append([torch.zeros_like(o) if g is None else g.detach() for g, o in zip(gs, outs)])
+        return {n: _as_3d_stack([per_j[j][i] for j in range(V.shape[2])]) for i, n in enumerate(names)}
+
+
+def _as_3d(x: torch.Tensor) -> torch.Tensor:
+    return x if x.ndim == 3 else x.reshape(x.shape[0], -1, x.shape[-1])
+
+
+def _as_3d_stack(xs: list[torch.Tensor]) -> torch.Tensor:
+    return torch.stack([_as_3d(x) for x in xs])
+
+
+def ggn_vectors(logits: torch.Tensor) -> torch.Tensor:
+    """(B, K, K-1) vectors ``u_j`` with ``sum_j u_j u_j' = diag(p) - p p'`` (the softmax Hessian), p = softmax."""
+    p = torch.softmax(logits.detach().double(), dim=-1)
+    H = torch.diag_embed(p) - p[:, :, None] * p[:, None, :]
+    w, U = torch.linalg.eigh(H)  # ascending: column 0 is the all-ones direction, eigenvalue 0
+    return (U * w.clamp_min(0).sqrt()[:, None, :])[:, :, 1:]
+
+
+def _token_mask(lengths: torch.Tensor, T: int) -> torch.Tensor:
+    return torch.arange(T, device=lengths.device)[None, :] < lengths[:, None]
+
+
+# ----------------------------------------------------------------------------------------------------
+# Fitting the curvature.
+
+class KFACCollector:
+    """Accumulates the KFAC GGN factors of named linear modules over batches.
+
+    Parameters
+    ----------
+    modules : dict of str to nn.Linear
+        The layers whose weights carry the posterior (LoRA's ``lora_A`` and ``lora_B``).
+    weight_sharing : str
+        ``"reduce"`` or ``"expand"``: how the token dimension enters the factors (module docstring).
+    rank, max_full_dim : int
+        The low-rank sketch of factors wider than ``max_full_dim``.
+    """
+
+    def __init__(self, modules: dict[str, torch.nn.Module], *, weight_sharing: str = "reduce", rank: int = 128,
+                 max_full_dim: int = FULL_FACTOR_MAX_DIM):
+        if weight_sharing not in WEIGHT_SHARING:
+            raise LmtuneError(f"weight_sharing must be one of {', '.join(WEIGHT_SHARING)}, got {weight_sharing!r}")
+        self.modules = modules
+        self.weight_sharing = weight_sharing
+        self.acc_in = {n: FactorAccumulator(m.weight.shape[1], rank, max_full_dim) for n, m in modules.items()}
+        self.acc_out = {n: FactorAccumulator(m.weight.shape[0], rank, max_full_dim) for n, m in modules.items()}
+        self.n_examples = 0
+        self.n_tokens = 0
+        self.log_lik = 0.0
+
+    def add_batch(self, forward: Callable[[], torch.Tensor], y: torch.Tensor, lengths: torch.Tensor) -> torch.Tensor:
+        """Run ``forward()`` -> (B, K) logits under the hooks and add the batch's factors; returns the logits.
+
+        ``lengths`` (B,) are the prompts' real token counts (right padding follows them).
+        """
+        with Capture(self.modules) as cap:
+            logits = forward()
+            V = ggn_vectors(logits)
+            grads = cap.output_grads(logits, V)
+        lp = torch.log_softmax(logits.detach().double(), dim=-1)
+        self.log_lik += float(lp.gather(1, y.to(lp.device).view(-1, 1)).sum())
+        B = logits.shape[0]
+        self.n_examples += B
+        for name in self.modules:
+            a, g = cap.inputs[name], grads[name]  # (B, T, in), (J, B, T, out)
+            mask = _token_mask(lengths.to(a.device), a.shape[1])
+            if self.weight_sharing == "reduce":
+                a_bar = (a * mask[..., None]).sum(1) / lengths.to(a.device)[:, None].to(a.dtype)
+                g_bar = (g * mask[None, ..., None]).sum(2)  # (J, B, out)
+                self.acc_in[name].add(a_bar)
+                self.acc_out[name].add(g_bar.reshape(-1, g_bar.shape[-1]))
+            else:
+                self.acc_in[name].add(a[mask])
+                self.acc_out[name].add(g[:, mask].reshape(-1, g.shape[-1]))
+        if self.weight_sharing == "expand":
+            self.n_tokens += int(lengths.sum())
+        return logits
+
+    def posterior(self, theta: dict[str, torch.Tensor]) -> "KFACPosterior":
+        """The Laplace posterior at the weights ``theta`` (name -> (out, in)); prior precision 1 until tuned."""
+        if not self.n_examples:
+            raise LmtuneError("no batches were given to the KFAC collector")
+        denom = self.n_examples if self.weight_sharing == "reduce" else self.n_tokens
+        blocks = {n: (self.acc_out[n].factor(1.0), self.acc_in[n].factor(1.0 / denom)) for n in self.modules}
+        sq = sum(float(theta[n].detach().double().pow(2).sum()) for n in self.modules)
+        return KFACPosterior(blocks, theta_sq_norm=sq, log_lik=self.log_lik, n_data=self.n_examples)
+
+
+# ----------------------------------------------------------------------------------------------------
+# The posterior.
+
+class KFACPosterior:
+    """Gaussian posterior ``N(theta*, (G (x) A + delta I)^-1)`` per block, blocks independent.
+
+    Parameters
+    ----------
+    blocks : dict of str to (KronFactor, KronFactor)
+        Per weight (out, in): the output-side factor G (out) and the input-side factor A (in).
+    theta_sq_norm : float
+        ``||theta*||^2`` over all blocks (the prior's term in the evidence).
+    log_lik : float
+        ``log p(D | theta*)`` on the training data.
+    n_data : int
+    prior_precision : float
+        ``delta``.
+    """
+
+    def __init__(self, blocks: dict[str, tuple[KronFactor, KronFactor]], *, theta_sq_norm: float, log_lik: float,
+                 n_data: int, prior_precision: float = 1.0):
+        self.blocks = blocks
+        self.theta_sq_norm = float(theta_sq_norm)
+        self.log_lik = float(log_lik)
+        self.n_data = int(n_data)
+        self.prior_precision = float(prior_precision)
+
+    @property
+    def n_params(self) -> int:
+        return sum(G.dim * A.dim for G, A in self.blocks.values())
+
+    def spectrum(self) -> tuple[np.ndarray, np.ndarray]:
+        """Eigenvalues of the KFAC GGN (all blocks) and their multiplicities; multiplicities sum to P."""
+        vals, counts = [], []
+        for G, A in self.blocks.values():
+            (vg, cg), (va, ca) = G.spectrum(), A.spectrum()
+            vals.append(np.outer(vg, va).ravel())
+            counts.append(np.outer(cg, ca).ravel())
+        return np.concatenate(vals), np.concatenate(counts)
+
+    # -- evidence -------------------------------------------------------------------------------------
+
+    def log_marginal_likelihood(self, prior_precision: float | None = None) -> float:
+        """The Laplace approximation of ``log p(D | delta)`` (module docstring)."""
+        d = self.prior_precision if prior_precision is None else float(prior_precision)
+        lam, c = self.spectrum()
+        P = c.sum()
+        return float(self.log_lik - 0.5 * d * self.theta_sq_norm + 0.5 * P * math.log(d)
+                     - 0.5 * np.sum(c * np.log(lam + d)))
+
+    def log_marginal_likelihood_grad(self, prior_precision: float | None = None) -> float:
+        """``d log p(D | delta) / d delta``."""
+        d = self.prior_precision if prior_precision is None else float(prior_precision)
+        lam, c = self.spectrum()
+        return float(-0.5 * self.theta_sq_norm + 0.5 * c.sum() / d - 0.5 * np.sum(c / (lam + d)))
+
+    def optimize_prior_precision(self) -> float:
+        """Set ``prior_precision`` to the evidence maximiser and return it.
+
+        In ``t = log delta`` the evidence is strictly concave and ``delta * d/d delta`` runs from
+        ``(P - #zero eigenvalues) / 2 > 0`` down to minus infinity, so the root is bracketed by widening.
+        """
+        from scipy.optimize import brentq
+
+        lam, c = self.spectrum()
+        P, m = c.sum(), self.theta_sq_norm
+        if m <= 0:
+            raise LmtuneError("the adapter's weights are all zero: the evidence has no finite maximiser")
+
+        def h(t):
+            d = math.exp(t)
+            return -0.5 * d * m + 0.5 * P - 0.5 * float(np.sum(c * d / (lam + d)))
+
+        lo, hi = -5.0, 5.0
+        while h(lo) <= 0 and lo > -200:
+            lo -= 10
+        while h(hi) >= 0 and hi < 200:
+            hi += 10
+        if not (h(lo) > 0 > h(hi)):
+            raise LmtuneError("could not bracket the evidence maximiser over delta in [e^-200, e^200]")
+        self.prior_precision = math.exp(brentq(h, lo, hi, xtol=1e-12, rtol=1e-12))
+        return self.prior_precision
+
+    # -- predictive -----------------------------------------------------------------------------------
+
+    def block_covariance(self, name: str, J: torch.Tensor) -> torch.Tensor:
+        """``J Sigma_W J'`` (B, K, K) for Jacobians ``J`` (B, K, out, in) of block ``name``."""
+        G, A = self.blocks[name]
+        d = self.prior_precision
+        X = J.double()
+        Q1, Q2 = G.Q.to(X.device, torch.float64), A.Q.to(X.device, torch.float64)
+        l1, l2 = G.lam.to(X.device, torch.float64), A.lam.to(X.device, torch.float64)
+        P1 = Q1.T @ X  # (B, K, m1, in)
+        P12 = P1 @ Q2  # (B, K, m1, m2)
+        cov = torch.einsum("bkij,blij->bkl", P12 / (l1[:, None] * l2[None, :] + d), P12)
+        if A.complement:  # G's eigenvectors x the complement of A's basis
+            R1 = P1 - P12 @ Q2.T
+            cov += torch.einsum("bkij,blij->bkl", R1 / (l1 * A.rest + d)[:, None], R1)
+        if G.complement:
+            R2 = X @ Q2 - Q1 @ P12  # (B, K, out, m2)
+            cov += torch.einsum("bkij,blij->bkl", R2 / (G.rest * l2 + d)[None, :], R2)
+            if A.complement:
+                R = X - Q1 @ P1 - (X @ Q2) @ Q2.T + Q1 @ P12 @ Q2.T
+                cov += torch.einsum("bkij,blij->bkl", R, R) / (G.rest * A.rest + d)
+        return cov
+
+    def precision_matrix(self, name: str) -> torch.Tensor:
+        """The dense precision block ``G (x) A + delta I`` (row-major ``vec(W)``), for tests on small layers."""
+        G, A = self.blocks[name]
+        P = torch.kron(G.matrix(), A.matrix())
+        return P + self.prior_precision * torch.eye(P.shape[0], dtype=torch.float64)
+
+    def glm(self, modules: dict[str, torch.nn.Module], forward: Callable[[], torch.Tensor]
+            ) -> tuple[torch.Tensor, torch.Tensor]:
+        """MAP logits (B, K) and their linearised covariance ``J Sigma J'`` (B, K, K), float64.
+
+        ``forward()`` runs the model at the MAP with gradients enabled; K backward passes give ``J``.
+        """
+        with Capture(modules) as cap:
+            logits = forward()
+            B, K = logits.shape
+            eye = torch.eye(K, dtype=logits.dtype, device=logits.device).expand(B, K, K)
+            grads = cap.output_grads(logits, eye)  # (K, B, T, out): d logit_k / d output
+        cov = torch.zeros((B, K, K), dtype=torch.float64, device=logits.device)
+        for name in self.blocks:
+            a, g = cap.inputs[name], grads[name]
+            J = torch.einsum("kbto,bti->bkoi", g.double(), a.double())  # padding has g = 0
+            cov += self.block_covariance(name, J)
+        return logits.detach().double(), cov
+
+    # -- files ----------------------------------------------------------------------------------------
+
+    def state_dict(self) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
+        """Tensors and string metadata for a safetensors file."""
+        tensors, meta = {}, {"theta_sq_norm": repr(self.theta_sq_norm), "log_lik": repr(self.log_lik),
+                             "n_data": str(self.n_data), "prior_precision": repr(self.prior_precision),
+                             "blocks": ",".join(self.blocks)}
+        for name, (G, A) in self.blocks.items():
+            for side, F in (("G", G), ("A", A)):
+                tensors[f"{name}.{side}.Q"] = F.Q.contiguous()
+                tensors[f"{name}.{side}.lam"] = F.lam.contiguous()
+                meta[f"{name}.{side}.rest"] = repr(F.rest)
+                meta[f"{name}.{side}.dim"] = str(F.dim)
+        return tensors, meta
+
+    def save(self, path) -> None:
+        from safetensors.torch import save_file
+
+        tensors, meta = self.state_dict()
+        save_file(tensors, str(path), metadata=meta)
+
+    @classmethod
+    def load(cls, path) -> "KFACPosterior":
+        from safetensors import safe_open
+
+        path = Path(path)
+        with safe_open(str(path), framework="pt") as f:
+            meta = f.metadata() or {}
+            try:
+                blocks = {}
+                for name in meta["blocks"].split(","):
+                    blocks[name] = tuple(
+                        KronFactor(f.get_tensor(f"{name}.{s}.Q"), f.get_tensor(f"{name}.{s}.lam"),
+                                   float(meta[f"{name}.{s}.rest"]), int(meta[f"{name}.{s}.dim"])) for s in ("G", "A"))
+                return cls(blocks, theta_sq_norm=float(meta["theta_sq_norm"]), log_lik=float(meta["log_lik"]),
+                           n_data=int(meta["n_data"]), prior_precision=float(meta["prior_precision"]))
+            except KeyError as e:
+                raise LmtuneError(f"{path}: not a Laplace posterior file (missing {e})") from None
+
+
+# ----------------------------------------------------------------------------------------------------
+# Probabilities from a Gaussian over the logits.
+
+def predictive_probs(mean: torch.Tensor, cov: torch.Tensor, method: str = "mc", n_samples: int = 1000,
+                     seed: int = 0) -> torch.Tensor:
+    """(B, K) class probabilities under ``f ~ N(mean, cov)``: Monte Carlo or the probit approximation."""
+    if method not in PREDICTIVES:
+        raise LmtuneError(f"predictive must be one of {', '.join(PREDICTIVES)}, got {method!r}")
+    mean, cov = mean.double(), cov.double()
+    if method == "probit":
+        kappa = 1.0 / torch.sqrt(1.0 + math.pi / 8.0 * torch.diagonal(cov, dim1=1, dim2=2))
+        return torch.softmax(mean * kappa, dim=-1)
+    if n_samples < 1:
+        raise LmtuneError(f"mc_samples must be at least 1, got {n_samples}")
+    gen = torch.Generator(device="cpu").manual_seed(int(seed))
+    xi = torch.randn((n_samples, mean.shape[1]), generator=gen, dtype=torch.float64).to(mean.device)
+    w, V = torch.linalg.eigh(cov)
+    L = V * w.clamp_min(0).sqrt()[:, None, :]  # (B, K, K): L L' = cov
+    f = mean[:, None, :] + torch.einsum("sk,bjk->bsj", xi, L)  # (B, S, K)
+    return torch.softmax(f, dim=-1).mean(dim=1)
+
+
+def fit_posterior(modules: dict[str, torch.nn.Module], batches: Iterable[tuple[Callable, torch.Tensor, torch.Tensor]],
+                  *, weight_sharing: str = "reduce", rank: int = 128, max_full_dim: int = FULL_FACTOR_MAX_DIM,
+                  prior_precision: float | None = None) -> KFACPosterior:
+    """KFAC Laplace posterior of ``modules``' weights from ``(forward, y, lengths)`` batches.
+
+    ``prior_precision`` None tunes it by the evidence; a number fixes it.
+    """
+    col = KFACCollector(modules, weight_sharing=weight_sharing, rank=rank, max_full_dim=max_full_dim)
+    for forward, y, lengths in batches:
+        col.add_batch(forward, y, lengths)
+    post = col.posterior({n: m.weight for n, m in modules.items()})
+    if prior_precision is None:
+        post.optimize_prior_precision()
+    else:
+        if not prior_precision > 0:
+            raise LmtuneError(f"prior_precision must be positive, got {prior_precision}")
+        post.prior_precision = float(prior_precision)
+    return post
+
+
+def lora_modules(peft_model, adapter: str = "default") -> dict[str, torch.nn.Module]:
+    """``{"<module path>.lora_A": Linear, "<module path>.lora_B": Linear}`` for every LoRA layer of a PEFT model."""
+    from peft.tuners.lora import LoraLayer
+
+    out = {}
+    for name, mod in peft_model.named_modules():
+        if isinstance(mod, LoraLayer) and adapter in getattr(mod, "lora_A", {}):
+            out[f"{name}.lora_A"] = mod.lora_A[adapter]
+            out[f"{name}.lora_B"] = mod.lora_B[adapter]
+    if not out:
+        raise LmtuneError("the model has no LoRA layers to put a posterior on")
+    return out
+
+
+# ----------------------------------------------------------------------------------------------------
+# LoRA glue: lmtune.methods.LoraClassifier(bayes="laplace") calls these.
+
+POSTERIOR_FILE = "laplace.safetensors"
+PREDICT_CHUNK = 1024  # records whose frozen lower-layer activations are held at once while predicting
+
+
+@contextlib.contextmanager
+def lora_grad_pass(est):
+    """``est``'s fitted adapter attached, eval mode (no dropout), gradients on for the LoRA factors."""
+    lm = est.lm
+    was_training = lm.model.training
+    with est.attached():
+        modules = lora_modules(est._pm)
+        for m in modules.values():
+            m.weight.requires_grad_(True)
+        lm.model.eval()
+        try:
+            with torch.enable_grad():
+                yield modules
+        finally:
+            lm.model.train(was_training)
+
+
+def _lora_batches(est, seqs, label_ids, lower, start):
+    """(indices, forward, lengths) per length-sorted batch; ``forward()`` gives (B, K) logits with gradients."""
+    order = sorted(range(len(seqs)), key=lambda i: len(seqs[i]), reverse=True)
+    bs = max(est.batch_size, 16)
+    for b in range(0, len(order), bs):
+        idx = order[b:b + bs]
+        batch = [seqs[i] for i in idx]
+        low = [lower[i] for i in idx] if lower is not None else None
+        fwd = functools.partial(est._forward, est.lm, batch, label_ids, low, start)
+        yield idx, fwd, torch.tensor([len(s) for s in batch])
+
+
+def fit_lora_laplace(est, ds) -> tuple[KFACPosterior, dict]:
+    """The posterior of a just-trained LoRA estimator on its training data ``ds``, and its card entry."""
+    from lmtune.profiling import PeakMemory
+
+    lm = est.lm
+    task = est._check_task()
+    label_ids = torch.tensor(task.label_token_ids(lm.tokenizer), device=lm.device)
+    enc = task.encode(lm.tokenizer, ds, labeled=True)
+    seqs, y = enc.input_ids, torch.as_tensor(enc.y, device=lm.device)
+    kept = getattr(est, "_kept_lower", None)
+    t0 = time.perf_counter()
+    with PeakMemory() as mem, lora_grad_pass(est) as modules:
+        start = est._frozen_below(lm)
+        if kept is not None and kept[1] == start and kept[0] == seqs:
+            lower = kept[2]  # the frozen layers' activations computed for training
+        else:
+            lower = est._lower_cache(lm, seqs, start)
+        batches = ((fwd, y[idx], lengths) for idx, fwd, lengths in _lora_batches(est, seqs, label_ids, lower, start))
+        post = fit_posterior(modules, batches, rank=est.kfac_rank, prior_precision=est.prior_precision)
+        shapes = {n: tuple(m.weight.shape) for n, m in modules.items()}
+    seconds = time.perf_counter() - t0
+    wide = [F for G, A in post.blocks.values() for F in (G, A) if F.complement]
+    info = {"kind": "laplace", "curvature": "KFAC-reduce of the exact GGN (softmax Hessian), per LoRA factor",
+            "predictive": f"linearised (GLM), {est.predictive}"
+                          + (f" with {est.mc_samples} samples" if est.predictive == "mc" else ""),
+            "prior_precision": post.prior_precision, "prior_precision_tuned": est.prior_precision is None,
+            "log_marginal_likelihood": post.log_marginal_likelihood(), "log_likelihood": post.log_lik,
+            "theta_sq_norm": post.theta_sq_norm, "n_params": post.n_params, "n_data": post.n_data,
+            "factors": len(shapes), "low_rank_factors": len(wide), "kfac_rank": est.kfac_rank,
+            "full_factor_max_dim": FULL_FACTOR_MAX_DIM, "reused_lower_layers": start if lower is not None else 0,
+            "seconds": seconds, "peak_rss_bytes": mem.peak_rss_bytes, "rss_at_start_bytes": mem.start_rss_bytes,
+            "cuda_peak_bytes": mem.cuda_peak_bytes}
+    return post, info
+
+
+def predict_lora_laplace(est, data, labeled: bool = False, base: bool = False):
+    """``label_logits`` of a Laplace LoRA estimator: log predictive probabilities (N, K), base logits, y, dataset.
+
+    Sets ``est.last_uncertainty_``: per record the predictive ``entropy`` (N,) and ``logit_std`` (N,), the
+    posterior standard deviation of the centred label logits ``f_k - mean_j f_j`` (what softmax sees; root
+    mean square over the labels).
+    """
+    from lmtune.methods.base import as_dataset
+
+    ds = as_dataset(data)
+    lm = est.lm
+    task = est._check_task()
+    label_ids = torch.tensor(task.label_token_ids(lm.tokenizer), device=lm.device)
+    enc = task.encode(lm.tokenizer, ds, labeled=labeled)
+    seqs = enc.input_ids
+    N, K = len(seqs), len(label_ids)
+    probs, std = np.empty((N, K)), np.empty(N)
+    C = torch.eye(K, dtype=torch.float64) - 1.0 / K  # centring
+    t0 = time.perf_counter()
+    with lora_grad_pass(est) as modules:
+        start = est._frozen_below(lm)
+        for c in range(0, N, PREDICT_CHUNK):
+            part = seqs[c:c + PREDICT_CHUNK]
+            lower = est._lower_cache(lm, part, start)
+            for idx, fwd, _ in _lora_batches(est, part, label_ids, lower, start):
+                mean, cov = est.posterior_.glm(modules, fwd)
+                p = predictive_probs(mean, cov, est.predictive, est.mc_samples, est.seed)
+                rows = [c + i for i in idx]
+                probs[rows] = p.cpu().numpy()
+                centred = C.to(cov.device) @ cov @ C.to(cov.device)
+                std[rows] = torch.diagonal(centred, dim1=1, dim2=2).mean(1).clamp_min(0).sqrt().cpu().numpy()
+    est.last_predict_seconds_ = time.perf_counter() - t0
+    est.last_uncertainty_ = {"entropy": _entropy(probs), "logit_std": std}
+    base_logits = None
+    if base:
+        feats, _, _ = est.features(ds)
+        base_logits = np.asarray(feats.L, dtype=np.float64)
+    return np.log(np.maximum(probs, 1e-300)), base_logits, enc.y, ds
+
+
+def _entropy(probs: np.ndarray) -> np.ndarray:
+    p = np.clip(probs, 1e-300, 1.0)
+    return -(probs * np.log(p)).sum(axis=1)
