@@ -82,6 +82,18 @@ def test_predictive_variance_includes_the_intercept_exactly():
     assert far[0] < far[1] < far[2]
 
 
+def test_without_intercept_nothing_is_centred():
+    Z, Y = _problem()
+    res = bl.fit(ridge.GramStats.from_arrays(Z, Y), lam=2.0, fit_intercept=False)
+    a, b = res.evidence.alpha, res.evidence.beta
+    Sigma = np.linalg.inv(b * Z.T @ Z + a * np.eye(Z.shape[1]))
+    assert res.posterior.z_bar is None and res.evidence.n_eff == len(Z)
+    np.testing.assert_allclose(res.posterior.variance(Z[:5]), np.einsum("ij,jk,ik->i", Z[:5], Sigma, Z[:5]), rtol=1e-9)
+    n, k = Y.shape
+    direct = sum(multivariate_normal(np.zeros(n), np.eye(n) / b + Z @ Z.T / a).logpdf(Y[:, j]) for j in range(k))
+    assert res.evidence.log_evidence == pytest.approx(direct, rel=1e-9)
+
+
 def test_dual_decomposition_gives_the_same_posterior():
     """N < d: the N x N decomposition keeps r < d directions; the rest keep their prior variance."""
     Z, Y = _problem(n=6, d=8)
