@@ -151,6 +151,25 @@ def _add_option(g, name: str, default, cls, suffix: str = "") -> None:
                        help=text + (f" Default: {default}." if default is not None else ""))
 
 
+def _decoding_args(g) -> None:
+    from lmtune.generation import GenerationOptions as O
+
+    g.add_argument("--max-new-tokens", type=_number(int, 1), default=128, help=_param_help(O, "max_new_tokens"))
+    g.add_argument("--temperature", type=_number(float, 0.0), default=0.0,
+                   help="0 decodes greedily (the default); above 0, samples from softmax(logits / temperature).")
+    g.add_argument("--top-p", type=float, default=1.0, help=_param_help(O, "top_p"))
+    g.add_argument("--top-k", type=_number(int, 1), default=None, help=_param_help(O, "top_k"))
+    g.add_argument("--seed", type=int, default=0, help=_param_help(O, "seed"))
+    g.add_argument("--stop", action="append", default=[], help="A stop string (repeat the option for several).")
+    g.add_argument("--gen-batch-size", type=_number(int, 1), default=16, help=_param_help(O, "batch_size"))
+
+
+def _decoding(args) -> dict:
+    return {"max_new_tokens": args.max_new_tokens, "do_sample": args.temperature > 0,
+            "temperature": args.temperature or 1.0, "top_p": args.top_p, "top_k": args.top_k, "seed": args.seed,
+            "stop": tuple(args.stop), "batch_size": args.gen_batch_size}
+
+
 def build_parser() -> argparse.ArgumentParser:
     from lmtune.methods import METHODS
     from lmtune.methods.closed_form import ClosedFormClassifier as CF
@@ -194,9 +213,30 @@ def build_parser() -> argparse.ArgumentParser:
             _run_args(p)
             p.add_argument("--bins", type=_number(int, 1), default=15, help="ECE bins (equal width).")
             p.add_argument("--examples", type=_number(int, 0), default=5, help="Flip examples shown per kind.")
+            g = p.add_argument_group("generation runs")
+            g.add_argument("--metrics", default="rouge,bleu,exact",
+                           help="Comma-separated: rouge (ROUGE-1/2/L), bleu (corpus BLEU), exact (exact match).")
+            g.add_argument("--no-stem", action="store_true", help="ROUGE without Porter stemming.")
+            g.add_argument("--no-base", action="store_true", help="Do not also score the base model.")
+            _decoding_args(g)
         else:
             _run_args(p, json_help="No progress bars (the output is JSON lines either way).")
             p.add_argument("--out", default=None, help="Write the JSON lines to this file (atomically) instead of stdout.")
+
+    what = "Answer every record with a generation run (or the base model): JSON lines, streamed."
+    p = sub.add_parser("generate", help=what, description=what + " Each line: the record's line (and id), the "
+                       "answer, its finish reason (eos, stop, length) and its number of new tokens.")
+    p.add_argument("run", nargs="?", help="A run folder written by `lmtune fit --task generate`.")
+    p.add_argument("--data", required=True, help="Records: .jsonl, .csv, .tsv or builtin:NAME:SPLIT.")
+    p.add_argument("--zero-shot", action="store_true", help="Use the base model (with --task generate).")
+    p.add_argument("--model", default=None, help="Base model (default: the run's, or smollm2-135m).")
+    _task_args(p)
+    _decoding_args(p)
+    p.add_argument("--out", default=None, help="Write the JSON lines to this file (written as they come to "
+                   "a partial file, renamed when complete) instead of stdout.")
+    p.add_argument("--resume", action="store_true", help="With --out: keep the answers already in the partial "
+                   "file of an interrupted run and generate only the rest.")
+    p.add_argument("--json", action="store_true", help="No progress output (the output is JSON lines either way).")
 
     p = sub.add_parser("merge", help="Fold a LoRA-family run into its base model's weights and save the model.",
                        description="Fold a LoRA-family run into its base model's weights. The output folder is a "
@@ -246,6 +286,25 @@ def build_parser() -> argparse.ArgumentParser:
     _run_args(p, json_help="Print the calibration as one JSON object.")
 
     sub.add_parser("methods", help="List the available methods.")
+
+    from lmtune.multiple_choice import evaluate_multiple_choice as MC
+
+    p = sub.add_parser("bench", help="Benchmarks of a model (or of a run's adapted model): bench mmlu.")
+    bench = p.add_subparsers(dest="bench", required=True)
+    what = "MMLU-style multiple choice, each choice scored by its log-likelihood as lm-evaluation-harness does."
+    q = bench.add_parser("mmlu", help=what, description=what + " Reports acc and acc_norm per subject, over all "
+                         "questions (micro) and as the mean of subjects (macro).")
+    q.add_argument("--data", required=True, help="Questions: .jsonl (question, choices, answer, subject), an MMLU "
+                   ".csv (no header; the subject from <subject>_test.csv), a folder of them, or builtin:mcqa:test.")
+    q.add_argument("--dev", default=None, help=_param_help(MC, "dev") + " Same formats; e.g. builtin:mcqa:dev.")
+    q.add_argument("--k-shot", type=_number(int, 0), default=0, help=_param_help(MC, "k_shot") + " Default: 0.")
+    q.add_argument("--format", dest="fmt", choices=["letters", "text"], default="letters", help=_param_help(MC, "fmt"))
+    q.add_argument("--model", default=None, help=_param_help(MC, "model"))
+    q.add_argument("--run", default=None, help=_param_help(MC, "run"))
+    q.add_argument("--limit", type=_number(int, 1), default=None, help=_param_help(MC, "limit"))
+    q.add_argument("--batch-size", type=_number(int, 1), default=8, help=_param_help(MC, "batch_size"))
+    q.add_argument("--max-length", type=_number(int, 2), default=None, help=_param_help(MC, "max_length"))
+    q.add_argument("--json", action="store_true", help="Print one JSON object on stdout.")
     return parser
 
 
@@ -267,7 +326,8 @@ def _task_from(args):
 
 
 def _common(args) -> dict:
-    return {"batch_size": args.batch_size, "progress": False if args.json else None, "cache": not args.no_cache}
+    return {"batch_size": getattr(args, "batch_size", 16), "progress": False if args.json else None,
+            "cache": not getattr(args, "no_cache", False)}
 
 
 def _estimator_for(args):
@@ -372,9 +432,42 @@ def cmd_eval(args) -> int:
     from lmtune.evaluate import evaluate
     from lmtune.report import metrics_text
 
+    from lmtune.instruct import GenerationTask
+
     data = open_data(args.data)  # before the model loads: a malformed file fails in a moment, not a minute
-    ev = evaluate(_estimator_for(args), data, n_bins=args.bins, n_examples=args.examples)
+    est = _estimator_for(args)
+    if isinstance(est.task, GenerationTask):
+        from lmtune.gen_eval import evaluate_generation
+        from lmtune.report import generation_text
+
+        metrics = [m.strip() for m in args.metrics.split(",") if m.strip()]
+        ev = evaluate_generation(est, data, metrics=metrics, stem=not args.no_stem, base=not args.no_base,
+                                 n_examples=args.examples, **_decoding(args))
+        print(json.dumps(ev) if args.json else generation_text(ev))
+        return 0
+    ev = evaluate(est, data, n_bins=args.bins, n_examples=args.examples)
     print(json.dumps(ev) if args.json else metrics_text(ev))
+    return 0
+
+
+def cmd_generate(args) -> int:
+    from lmtune.data import open_data
+    from lmtune.gen_eval import generate_rows
+
+    data = open_data(args.data)  # before the model loads, as in cmd_eval
+    est = _estimator_for(args)
+    if args.out is None:
+        if args.resume:
+            raise LmtuneError("--resume goes with --out (it continues a partial output file)")
+        for row in generate_rows(est, data, **_decoding(args)):
+            print(json.dumps(row, ensure_ascii=False), flush=True)
+        return 0
+    from lmtune.gen_eval import generate_file
+
+    path, n_new, n_kept = generate_file(est, data, args.out, resume=args.resume, **_decoding(args))
+    if not args.json:
+        print(f"wrote {n_new + n_kept} answers to {path}" + (f" ({n_kept} kept from the partial file)" if n_kept else ""),
+              file=sys.stderr)
     return 0
 
 
@@ -471,6 +564,16 @@ def cmd_calibrate(args) -> int:
     return 0
 
 
+def cmd_bench(args) -> int:
+    from lmtune.multiple_choice import evaluate_multiple_choice, report_text
+
+    res = evaluate_multiple_choice(args.data, model=args.model, run=args.run, dev=args.dev, k_shot=args.k_shot,
+                                   fmt=args.fmt, limit=args.limit, batch_size=args.batch_size,
+                                   max_length=args.max_length)
+    print(json.dumps(res) if args.json else report_text(res))
+    return 0
+
+
 def cmd_methods(args) -> int:
     from lmtune.methods import METHODS
 
@@ -479,9 +582,9 @@ def cmd_methods(args) -> int:
     return 0
 
 
-COMMANDS = {"fit": cmd_fit, "eval": cmd_eval, "predict": cmd_predict, "merge": cmd_merge, "spectrum": cmd_spectrum,
+COMMANDS = {"fit": cmd_fit, "eval": cmd_eval, "predict": cmd_predict, "generate": cmd_generate, "merge": cmd_merge, "spectrum": cmd_spectrum,
             "demo": cmd_demo, "compare": cmd_compare, "calibrate": cmd_calibrate,
-            "methods": cmd_methods}
+            "bench": cmd_bench, "methods": cmd_methods}
 
 
 def _show_warning(message, category, filename, lineno, file=None, line=None):

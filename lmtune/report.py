@@ -225,3 +225,23 @@ def plot_quality(rows: list[dict], x_key: str, xlabel: str, title: str):
     ax.grid(True, which="major", alpha=0.3)
     fig.tight_layout()
     return fig
+
+
+def generation_text(ev: dict) -> str:
+    """A generation run's evaluation: each metric for the run and the base model, then a few answers."""
+    from lmtune.forgetting import flat_scores
+
+    tuned, base = flat_scores(ev["metrics"]), flat_scores(ev["base"]) if ev.get("base") else {}
+    rows = [{"metric": k, "run": tuned[k], "base": base.get(k), "change": (tuned[k] - base[k]) if k in base else None}
+            for k in tuned]
+    cols = [("metric", "metric"), ("run", ev["method"]), ("base", "base model"), ("change", "change")]
+    gen = ev["generation"]
+    lines = [f"{ev['method']} on {ev['data']['path']} (n={ev['data']['n']}); {gen['new_tokens']} tokens generated "
+             f"in {gen['seconds']:.1f} s; finish reasons {gen['finish_reasons']}", "",
+             table(rows, cols if base else cols[:2])]
+    if "bleu" in ev["metrics"]:
+        lines.append(f"BLEU signature: {ev['metrics']['bleu']['signature']}")
+    for ex in ev.get("examples", []):
+        lines.append(f"\nline {ex['line']}: reference {ex['reference']!r}\n  answer {ex['answer']!r}"
+                     + (f"\n  base   {ex['base_answer']!r}" if "base_answer" in ex else ""))
+    return "\n".join(lines)
