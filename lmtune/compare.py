@@ -49,6 +49,7 @@ from pathlib import Path
 from typing import Callable, Iterable
 
 from lmtune.errors import LmtuneError
+from lmtune.runs import atomic_write, write_text
 
 ROW_KEYS = (
     "method",
@@ -69,6 +70,7 @@ ROW_KEYS = (
 REPORT_FILES = ("report.md", "report.csv", "report.json", "quality_vs_params.png", "quality_vs_time.png",
                 "reliability.png")
 LATENCY_REPEATS = 3
+ECE_BINS = 15  # equal-width confidence bins of the ECE and the reliability diagrams
 
 
 def split_method(name: str) -> tuple[str, str | None]:
@@ -267,14 +269,14 @@ def _measure(name: str, lm, task, train, test, *, val=None, options: dict | None
 
     log(f"{name}: evaluating on {len(test)} records ...")
     logits, base_logits, y, ds = est.label_logits(test, labeled=True, base=est.method != "zero-shot")
-    ev = evaluate_logits(est, ds, logits, base_logits, y)
+    ev = evaluate_logits(est, ds, logits, base_logits, y, n_bins=ECE_BINS)
     m = ev["metrics"]
     row.update({k: m[k] for k in ("accuracy", "macro_f1", "nll", "ece", "brier")})
     if "flips" in ev:
         row.update(flipped=ev["flips"]["flipped"], net_gain=ev["flips"]["net_gain"])
     if val is not None:
         log(f"{name}: temperature scaling on {len(val)} validation records ...")
-    fields, calib = calibration_summary(est, logits, y, task.labels, val=val, n_bins=m["ece_bins"])
+    fields, calib = calibration_summary(est, logits, y, task.labels, val=val, n_bins=ECE_BINS)
     row.update(fields)
     del est
     release_free_memory()
@@ -372,7 +374,7 @@ def compare(model, task, train, test, methods, *, val=None, options: dict | None
                              runs_dir=runs_dir, shared=shared, latency_data=latency_data, log=log)
                     for name in names]
         rows = [row for row, _ in measured]
-        calibration = {"n_bins": 15, "methods": {row["method"]: c for row, c in measured}}
+        calibration = {"n_bins": ECE_BINS, "methods": {row["method"]: c for row, c in measured}}
     finally:
         if tmp is not None:
             shutil.rmtree(tmp, ignore_errors=True)
@@ -396,20 +398,8 @@ def compare(model, task, train, test, methods, *, val=None, options: dict | None
 
 # -- writers --------------------------------------------------------------------------------------------
 
-def _atomic(path: Path, write: Callable[[Path], None]) -> Path:
-    """Call ``write(tmp)`` on a temporary file beside ``path`` (same suffix), then rename it over ``path``."""
-    tmp = path.with_name(f".{path.stem}.tmp-{os.getpid()}-{os.urandom(4).hex()}{path.suffix}")
-    try:
-        write(tmp)
-        os.replace(tmp, path)
-    finally:
-        if tmp.exists():
-            tmp.unlink()
-    return path
-
-
-def _text(path: Path, text: str) -> Path:
-    return _atomic(path, lambda tmp: tmp.write_text(text, encoding="utf-8"))
+_atomic = atomic_write
+_text = write_text
 
 
 def rows_csv(rows: list[dict]) -> str:
