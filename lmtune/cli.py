@@ -238,6 +238,16 @@ def build_parser() -> argparse.ArgumentParser:
                    "file of an interrupted run and generate only the rest.")
     p.add_argument("--json", action="store_true", help="No progress output (the output is JSON lines either way).")
 
+    what = "Catastrophic forgetting: score the base model and a run on other tasks, and report the changes."
+    p = sub.add_parser("forgetting", help=what, description=what + " The suite (YAML or JSON) lists "
+                       "classification, generation, multiple-choice and language-modelling tasks; see "
+                       "lmtune/forgetting.py. --suite builtin uses the built-in datasets.")
+    p.add_argument("run", help="A run folder written by `lmtune fit`.")
+    p.add_argument("--suite", required=True, help="Suite file (.yaml/.yml/.json), or builtin.")
+    p.add_argument("--model", default=None, help="Base model (default: the run's).")
+    p.add_argument("--out", default=None, help="Also write the report as JSON to this file (atomically).")
+    p.add_argument("--json", action="store_true", help="Print the report as one JSON object.")
+
     p = sub.add_parser("merge", help="Fold a LoRA-family run into its base model's weights and save the model.",
                        description="Fold a LoRA-family run into its base model's weights. The output folder is a "
                                    "plain Hugging Face model and also a run folder for lmtune eval/predict.")
@@ -485,6 +495,21 @@ def cmd_predict(args) -> int:
     return 0
 
 
+def cmd_forgetting(args) -> int:
+    from lmtune.forgetting import forgetting, read_suite
+    from lmtune.methods import load_run
+    from lmtune.report import forgetting_text
+
+    suite = read_suite(args.suite)  # before the model loads: a bad suite fails at once
+    res = forgetting(load_run(args.run, model=args.model, progress=False), suite)
+    if args.out:
+        from lmtune.runs import write_json
+
+        write_json(args.out, res)
+    print(json.dumps(res) if args.json else forgetting_text(res))
+    return 0
+
+
 def cmd_merge(args) -> int:
     from lmtune.merge import merge
 
@@ -582,7 +607,7 @@ def cmd_methods(args) -> int:
     return 0
 
 
-COMMANDS = {"fit": cmd_fit, "eval": cmd_eval, "predict": cmd_predict, "generate": cmd_generate, "merge": cmd_merge, "spectrum": cmd_spectrum,
+COMMANDS = {"fit": cmd_fit, "eval": cmd_eval, "predict": cmd_predict, "generate": cmd_generate, "forgetting": cmd_forgetting, "merge": cmd_merge, "spectrum": cmd_spectrum,
             "demo": cmd_demo, "compare": cmd_compare, "calibrate": cmd_calibrate,
             "bench": cmd_bench, "methods": cmd_methods}
 

@@ -398,10 +398,6 @@ def compare(model, task, train, test, methods, *, val=None, options: dict | None
 
 # -- writers --------------------------------------------------------------------------------------------
 
-_atomic = atomic_write
-_text = write_text
-
-
 def rows_csv(rows: list[dict]) -> str:
     """The rows as CSV with the :data:`ROW_KEYS` header; None is an empty cell, floats keep every digit."""
     buf = io.StringIO()
@@ -422,9 +418,9 @@ def write_reports(result: dict, out) -> dict[str, Path]:
     out.mkdir(parents=True, exist_ok=True)
     rows = result["rows"]
     paths = {
-        "report.md": _text(out / "report.md", compare_markdown(result)),
-        "report.csv": _text(out / "report.csv", rows_csv(rows)),
-        "report.json": _text(out / "report.json", json.dumps(result, indent=2, allow_nan=False) + "\n"),
+        "report.md": write_text(out / "report.md", compare_markdown(result)),
+        "report.csv": write_text(out / "report.csv", rows_csv(rows)),
+        "report.json": write_text(out / "report.json", json.dumps(result, indent=2, allow_nan=False) + "\n"),
     }
     for fname, key, xlabel, title in (
             ("quality_vs_params.png", "trainable_params", "trainable parameters (log scale)",
@@ -432,7 +428,7 @@ def write_reports(result: dict, out) -> dict[str, Path]:
             ("quality_vs_time.png", "train_seconds", "training time, s (log scale)",
              "Test accuracy against training time")):
         fig = plot_quality(rows, key, xlabel, title)
-        paths[fname] = _atomic(out / fname, lambda tmp: fig.savefig(tmp, format="png"))
+        paths[fname] = atomic_write(out / fname, lambda tmp: fig.savefig(tmp, format="png"))
     calib = result.get("calibration") or {"methods": {}}
     curves = []
     for name, c in calib["methods"].items():
@@ -444,7 +440,7 @@ def write_reports(result: dict, out) -> dict[str, Path]:
         fig = reliability_figure(panels)
         (out / "reliability").mkdir(exist_ok=True)
         fname = f"reliability/{name}.png"
-        paths[fname] = _atomic(out / fname, lambda tmp: fig.savefig(tmp, format="png"))
+        paths[fname] = atomic_write(out / fname, lambda tmp: fig.savefig(tmp, format="png"))
     fig = reliability_overlay(curves, title="Reliability on the test set (marker area: share of records)")
-    paths["reliability.png"] = _atomic(out / "reliability.png", lambda tmp: fig.savefig(tmp, format="png"))
+    paths["reliability.png"] = atomic_write(out / "reliability.png", lambda tmp: fig.savefig(tmp, format="png"))
     return paths

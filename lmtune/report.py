@@ -245,3 +245,18 @@ def generation_text(ev: dict) -> str:
         lines.append(f"\nline {ex['line']}: reference {ex['reference']!r}\n  answer {ex['answer']!r}"
                      + (f"\n  base   {ex['base_answer']!r}" if "base_answer" in ex else ""))
     return "\n".join(lines)
+
+
+def forgetting_text(res: dict) -> str:
+    """Each suite task's scores before and after adaptation, and the change."""
+    rows = []
+    for name, t in res["tasks"].items():
+        for k, d in t["delta"].items():
+            rows.append({"task": name, "type": t["type"], "metric": k, "base": t["base"][k], "adapted": t["adapted"][k],
+                         "change": d, "direction": "worse" if (d > 0) == (t["worse"][k] == "up") and d != 0 else
+                         ("better" if d != 0 else "same")})
+    head = (f"{res['method']} on {res['model']}: the base model with and without the run's learned state"
+            + ("" if res["changes_model"] else " (this method leaves the network unchanged: every change is 0)"))
+    cols = [("task", "task"), ("type", "type"), ("metric", "metric"), ("base", "base"), ("adapted", "adapted"),
+            ("change", "change"), ("direction", "")]
+    return head + "\n\n" + table(rows, cols)

@@ -73,3 +73,28 @@ def read_card(path: str | Path) -> dict:
         return json.loads(card.read_text())
     except json.JSONDecodeError as e:
         raise LmtuneError(f"{card}: not valid JSON ({e})") from None
+
+
+def atomic_write(path: str | Path, write: Callable[[Path], None]) -> Path:
+    """Call ``write(tmp)`` on a temporary file beside ``path`` (same suffix), then rename it over ``path``:
+    a reader never sees half a file, and a failure leaves the old one as it was."""
+    path = Path(path)
+    if path.is_dir():
+        raise LmtuneError(f"{path} is a folder: give a file name to write to")
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.stem}.tmp-{os.getpid()}-{os.urandom(4).hex()}{path.suffix}")
+    try:
+        write(tmp)
+        os.replace(tmp, path)
+    finally:
+        if tmp.exists():
+            tmp.unlink()
+    return path
+
+
+def write_text(path: str | Path, text: str) -> Path:
+    return atomic_write(path, lambda tmp: tmp.write_text(text, encoding="utf-8"))
+
+
+def write_json(path: str | Path, obj) -> Path:
+    return write_text(path, json.dumps(obj, indent=1, ensure_ascii=False) + "\n")
