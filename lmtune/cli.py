@@ -372,6 +372,14 @@ def cmd_fit(args) -> int:
     if METHODS[args.method] is ClosedFormClassifier:
         kwargs.update(lam=args.lam, criterion=args.criterion, smoothing=args.smoothing,
                       fit_intercept=not args.no_intercept)
+        # the posterior predictive, under the flags the LoRA posteriors use too; taken here so that
+        # _tuned_kwargs does not refuse them as training options
+        for name in ("predictive", "mc_samples", "seed"):
+            if getattr(args, name, None) is not None:
+                if not args.bayes:
+                    raise LmtuneError(f"--{name.replace('_', '-')} applies to a posterior: add --bayes exact")
+                kwargs[name] = getattr(args, name)
+                setattr(args, name, None)
     kwargs.update(_tuned_kwargs(args))
     if args.bayes:
         if args.bayes not in getattr(METHODS[args.method], "bayes_modes", ()):

@@ -318,3 +318,17 @@ def test_cli_fit_bayes_exact_and_predict_with_uncertainty(tmp_path, capsys, tiny
     # a mode the method does not offer is refused before any work
     assert main(["fit", "--method", "closed-form", "--bayes", "laplace", *common, "--out", str(tmp_path / "r2")]) == 2
     assert "--bayes laplace does not apply to --method closed-form" in capsys.readouterr().err
+
+
+def test_cli_predictive_options_reach_the_closed_form_posterior(tmp_path, capsys, tiny_model_dir, data):
+    train, _ = data
+    lmtune.data.write_jsonl(tmp_path / "train.jsonl", train.records)
+    common = ["fit", "--method", "closed-form", "--model", str(tiny_model_dir), "--train",
+              str(tmp_path / "train.jsonl"), "--template", TEMPLATE, "--label-words", "negative=no,positive=yes"]
+    capsys.readouterr()
+    assert main([*common, "--bayes", "exact", "--predictive", "mc", "--mc-samples", "64", "--seed", "3",
+                 "--out", str(tmp_path / "run"), "--json"]) == 0
+    params = json.loads(capsys.readouterr().out)["params"]
+    assert (params["predictive"], params["mc_samples"], params["seed"]) == ("mc", 64, 3)
+    assert main([*common, "--predictive", "mc", "--out", str(tmp_path / "r2")]) == 2
+    assert "--predictive applies to a posterior: add --bayes exact" in capsys.readouterr().err
