@@ -116,7 +116,7 @@ def _score_classification(lm, spec) -> dict:
 
 
 def _score_generation(lm, spec, prefix=None) -> dict:
-    from lmtune.evaluate import generate_and_score
+    from lmtune.gen_eval import generate_and_score
     from lmtune.instruct import GenerationTask
 
     task = GenerationTask(chat=spec.get("chat", True), system=spec.get("system"), template=spec.get("template"),
@@ -141,10 +141,11 @@ def flat_scores(report: dict) -> dict:
     return out
 
 
-def _score_multiple_choice(lm, spec, prefix=None) -> dict:
+def _score_multiple_choice(lm, spec) -> dict:
     from lmtune.multiple_choice import evaluate_multiple_choice
 
-    rep = evaluate_multiple_choice(lm, spec["data"], dev=spec.get("dev"), k_shot=spec.get("k_shot", 0),
+    # The model as it is now (adapter attached or not); ``limit`` counts questions per subject here.
+    rep = evaluate_multiple_choice(spec["data"], model=lm, dev=spec.get("dev"), k_shot=spec.get("k_shot", 0),
                                    limit=spec.get("limit"))
     overall = rep["overall"]
     return {"acc": overall["acc"], "acc_norm": overall["acc_norm"], "n": overall["n"]}
@@ -177,15 +178,15 @@ def changes_model(est) -> bool:
 
 
 def _score(lm, spec, est=None) -> dict:
-    prefix = getattr(est, "_virtual_prefix", None) if est is not None else None
-    if spec["type"] == "classification":
-        if prefix is not None and prefix(1) is not None:
-            raise LmtuneError(f"{spec['name']}: classification tasks are not scored with virtual tokens")
+    """One task's scores on ``lm`` as it is; ``est`` supplies virtual tokens (prompt tuning) if it has them."""
+    prefix = getattr(est, "_virtual_prefix", None)
+    virtual = prefix is not None and prefix(1) is not None
+    if spec["type"] in ("classification", "multiple-choice"):
+        if virtual:
+            raise LmtuneError(f"{spec['name']}: {spec['type']} tasks are not scored with a prompt-tuning run's "
+                              "virtual tokens; leave the task out of the suite")
         return SCORERS[spec["type"]](lm, spec)
-    if spec["type"] == "multiple-choice" and prefix is not None and prefix(1) is not None:
-        raise LmtuneError(f"{spec['name']}: multiple-choice tasks are not scored with virtual tokens")
-    return SCORERS[spec["type"]](lm, spec, prefix=prefix) if spec["type"] != "multiple-choice" \
-        else SCORERS[spec["type"]](lm, spec)
+    return SCORERS[spec["type"]](lm, spec, prefix=prefix if virtual else None)
 
 
 def forgetting(est, suite, *, base_scores: dict | None = None) -> dict:
