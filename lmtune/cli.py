@@ -282,6 +282,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", required=True, help="Report folder: report.md/.csv/.json, two plots, runs/<method>.")
     p.add_argument("--latency-examples", type=_number(int, 0), default=64,
                    help=_param_help(compare, "latency_examples"))
+    p.add_argument("--forgetting", default=None, metavar="SUITE",
+                   help="Also score every method on a forgetting suite (a file, or builtin): "
+                        + _param_help(compare, "forgetting_suite"))
     _task_args(p, required=True, generate=False)
     _tuned_args(p)  # --val among them: validation data for the gradient methods
     _run_args(p, json_help="Print the whole comparison as one JSON object (no progress).")
@@ -574,7 +577,7 @@ def cmd_compare(args) -> int:
     log = (lambda msg: None) if args.json else (lambda msg: print(msg, file=sys.stderr))
     res = compare(args.model, _task_from(args), args.train, args.test, names, val=val, options=options,
                   out=args.out, progress=False if args.json else None, latency_examples=args.latency_examples,
-                  batch_size=args.batch_size, cache=not args.no_cache, log=log)
+                  batch_size=args.batch_size, cache=not args.no_cache, forgetting_suite=args.forgetting, log=log)
     if args.json:
         print(json.dumps(res))
     else:

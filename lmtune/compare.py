@@ -65,6 +65,8 @@ ROW_KEYS = (
     "peak_rss_bytes", "start_rss_bytes", "fit_memory_bytes", "cuda_peak_bytes", "memory_method",
     # inference cost
     "latency_ms", "merged_latency_ms", "merged_max_prob_diff",
+    # forgetting: change of the held-text LM loss (the suite's first lm task; None without a suite)
+    "forget_lm_delta",
     "run",
 )
 REPORT_FILES = ("report.md", "report.csv", "report.json", "quality_vs_params.png", "quality_vs_time.png",
@@ -232,9 +234,12 @@ def _build(cls, lm, task, shared: dict, opts: dict):
 
 
 def _measure(name: str, lm, task, train, test, *, val=None, options: dict | None = None, runs_dir: Path,
-            shared: dict, latency_data=None, log: Callable[[str], None] = lambda msg: None) -> dict:
+            shared: dict, latency_data=None, suite=None, base_scores: dict | None = None,
+            log: Callable[[str], None] = lambda msg: None) -> tuple:
     """Fit, save, evaluate and time one method; its row of the comparison (keys :data:`ROW_KEYS`) and its
-    calibration entry (:func:`lmtune.calibration.calibration_summary`)."""
+    calibration entry (:func:`lmtune.calibration.calibration_summary`), and its forgetting report
+    (:func:`lmtune.forgetting.forgetting`, None without a ``suite``; the base scores are kept in
+    ``base_scores`` for the next method)."""
     from lmtune.calibration import calibration_summary
     from lmtune.evaluate import evaluate_logits
     from lmtune.merge import MERGEABLE, merged_lm
@@ -278,6 +283,18 @@ def _measure(name: str, lm, task, train, test, *, val=None, options: dict | None
         log(f"{name}: temperature scaling on {len(val)} validation records ...")
     fields, calib = calibration_summary(est, logits, y, task.labels, val=val, n_bins=ECE_BINS)
     row.update(fields)
+    forget = None
+    if suite is not None:
+        from lmtune.forgetting import forgetting
+
+        log(f"{name}: scoring the forgetting suite ...")
+        forget = forgetting(est, suite, base_scores=base_scores)
+        lm_tasks = []
+        for tname, t in forget["tasks"].items():
+            base_scores.setdefault(tname, t["base"])
+            if t["type"] == "lm":
+                lm_tasks.append(t)
+        row["forget_lm_delta"] = lm_tasks[0]["delta"]["loss"] if lm_tasks else None
     del est
     release_free_memory()
 
@@ -295,12 +312,12 @@ def _measure(name: str, lm, task, train, test, *, val=None, options: dict | None
             del merged
         del fresh
         release_free_memory()
-    return row, calib
+    return row, calib, forget
 
 
 def compare(model, task, train, test, methods, *, val=None, options: dict | None = None, out=None,
             progress: bool | None = None, latency_examples: int = 64, batch_size: int | None = None,
-            cache: bool = True, log: Callable[[str], None] | None = None) -> dict:
+            cache: bool = True, forgetting_suite=None, log: Callable[[str], None] | None = None) -> dict:
     """Fit each method on ``train``, evaluate it on ``test``, and measure its cost.
 
     Parameters
@@ -328,6 +345,10 @@ def compare(model, task, train, test, methods, *, val=None, options: dict | None
         Passed to every method (for gradient methods it is also the training batch); None keeps each default.
     cache : bool
         Use the on-disk feature cache while evaluating (fits always run cold).
+    forgetting_suite : str, Path, list or None
+        A forgetting suite (:mod:`lmtune.forgetting`; ``"builtin"`` for the built-in one): every method's
+        run is also scored on its tasks against the base model, and the report gains a forgetting column
+        (the held-text LM loss change) and section.
     log : callable or None
         Called with a line of text as each step begins.
 
@@ -345,6 +366,11 @@ def compare(model, task, train, test, methods, *, val=None, options: dict | None
     from lmtune.runs import check_run_destination
 
     names = check_methods(methods, options)
+    suite = None
+    if forgetting_suite is not None:
+        from lmtune.forgetting import read_suite
+
+        suite = forgetting_suite if isinstance(forgetting_suite, list) else read_suite(forgetting_suite)
     if not isinstance(latency_examples, int) or latency_examples < 0:
         raise LmtuneError(f"latency_examples must be a whole number >= 0, got {latency_examples!r}")
     # Read and check everything before the model loads and minutes of fitting begin.
@@ -370,11 +396,14 @@ def compare(model, task, train, test, methods, *, val=None, options: dict | None
             shared["batch_size"] = batch_size
         n_lat = min(latency_examples, len(test_ds))
         latency_data = test_ds.subset(range(n_lat)) if n_lat else None
+        base_scores: dict = {}
         measured = [_measure(name, lm, task, train_ds, test_ds, val=val_ds, options=(options or {}).get(name),
-                             runs_dir=runs_dir, shared=shared, latency_data=latency_data, log=log)
+                             runs_dir=runs_dir, shared=shared, latency_data=latency_data, suite=suite,
+                             base_scores=base_scores, log=log)
                     for name in names]
-        rows = [row for row, _ in measured]
-        calibration = {"n_bins": ECE_BINS, "methods": {row["method"]: c for row, c in measured}}
+        rows = [row for row, _, _ in measured]
+        calibration = {"n_bins": ECE_BINS, "methods": {row["method"]: c for row, c, _ in measured}}
+        forgetting = None if suite is None else {row["method"]: f for row, _, f in measured}
     finally:
         if tmp is not None:
             shutil.rmtree(tmp, ignore_errors=True)
@@ -386,7 +415,7 @@ def compare(model, task, train, test, methods, *, val=None, options: dict | None
             r["run"] = os.path.relpath(r["run"], out)
     result = {"model": lm.name, "model_fingerprint": lm.fingerprint, "task": task.to_dict(),
               "train": _data_info(train_ds), "val": None if val_ds is None else _data_info(val_ds),
-              "test": _data_info(test_ds), "latency_examples": n_lat, "rows": rows, "calibration": calibration,
+              "test": _data_info(test_ds), "latency_examples": n_lat, "rows": rows, "calibration": calibration, "forgetting": forgetting,
               "environment": environment(lm), "seconds": time.perf_counter() - t_start}
     from lmtune.metrics import to_jsonable
 

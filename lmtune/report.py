@@ -93,8 +93,11 @@ def _display_row(r: dict) -> dict:
 
 
 def compare_table(rows: list[dict]) -> str:
-    """The comparison rows of :func:`lmtune.compare.compare` as one Markdown table."""
-    return table([_display_row(r) for r in rows], COMPARE_COLUMNS)
+    """The comparison rows of :func:`lmtune.compare.compare` as one Markdown table (with the forgetting
+    column when a suite was scored)."""
+    cols = COMPARE_COLUMNS + ([("forget_lm_delta", "held-text loss change")]
+                              if any(r.get("forget_lm_delta") is not None for r in rows) else [])
+    return table([_display_row(r) for r in rows], cols)
 
 
 def compare_markdown(result: dict) -> str:
@@ -132,7 +135,29 @@ def compare_markdown(result: dict) -> str:
              f"divided by the number of records. A LoRA-family adapter is attached for every call; merged is "
              f"the same measurement on a copy of the base model with the adapter folded into its weights (no "
              f"extra matmuls), for the methods that allow it.", ""]
-    return "\n".join(lines) + calibration_markdown(result)
+    return "\n".join(lines) + calibration_markdown(result) + forgetting_markdown(result)
+
+
+def forgetting_markdown(result: dict) -> str:
+    """The report's forgetting section: every suite task's main metric change per method."""
+    from lmtune.forgetting import headline
+
+    forget = result.get("forgetting")
+    if not forget:
+        return ""
+    rows, names = [], []
+    for method, f in forget.items():
+        row = {"method": method}
+        for task, h in headline(f).items():
+            key = f"{task} ({h['metric']})"
+            row[key] = h["delta"]
+            if key not in names:
+                names.append(key)
+        rows.append(row)
+    return ("\n## Forgetting\n\nThe change (adapted - base) of each suite task's main metric when the method's "
+            "learned state is in the model; the LM loss and NLL are better when lower, the others when higher. "
+            "Methods that leave the network unchanged (zero-shot, closed-form) change nothing by construction.\n\n"
+            + table(rows, [("method", "method")] + [(n, n) for n in names]) + "\n")
 
 
 CALIBRATION_COLUMNS = [("method", "method"), ("temperature", "T"), ("accuracy", "accuracy"), ("nll", "NLL"),
