@@ -17,11 +17,13 @@ from lmtune.data import Dataset, Template, load_builtin, open_data, read_records
 from lmtune.errors import DataError, LmtuneError
 from lmtune.evaluate import evaluate, predict_records
 from lmtune.features import Features, cached_extract, extract
+from lmtune.genmetrics import generation_report
 from lmtune.merge import merge
 from lmtune.methods import (METHODS, AdaLoraClassifier, AdapterClassifier, ClosedFormClassifier, FullClassifier,
                             LastLayersClassifier, LoraClassifier, NormTuningClassifier, PromptTuningClassifier,
                             ZeroShotClassifier, load_run)
 from lmtune.models import DEFAULT_MODEL, LM, load_model
+from lmtune.multiple_choice import Question, evaluate_multiple_choice, read_questions
 from lmtune.switch import AdapterSwitch
 from lmtune.tasks import ClassificationTask
 
@@ -29,6 +31,7 @@ __all__ = [
     "DEFAULT_MODEL", "LM", "METHODS", "AdaLoraClassifier", "AdapterClassifier", "AdapterSwitch",
     "ClassificationTask", "ClosedFormClassifier", "DataError", "Dataset", "Features", "FullClassifier",
     "LastLayersClassifier", "LmtuneError", "LoraClassifier", "NormTuningClassifier", "PromptTuningClassifier",
-    "TemperatureScaled", "Template", "ZeroShotClassifier", "cached_extract", "calibrate_run", "evaluate", "extract",
-    "load_builtin", "load_model", "load_run", "merge", "open_data", "predict_records", "read_records",
+    "Question", "TemperatureScaled", "Template", "ZeroShotClassifier", "cached_extract", "calibrate_run", "evaluate",
+    "evaluate_multiple_choice", "extract", "generation_report", "load_builtin", "load_model", "load_run", "merge",
+    "open_data", "predict_records", "read_questions", "read_records",
 ]
