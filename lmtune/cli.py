@@ -485,10 +485,11 @@ def cmd_generate(args) -> int:
         return 0
     from lmtune.gen_eval import generate_file
 
-    path, n_new, n_kept = generate_file(est, data, args.out, resume=args.resume, **_decoding(args))
+    res = generate_file(est, data, args.out, resume=args.resume, progress=False if args.json else None,
+                        **_decoding(args))
     if not args.json:
-        print(f"wrote {n_new + n_kept} answers to {path}" + (f" ({n_kept} kept from the partial file)" if n_kept else ""),
-              file=sys.stderr)
+        print(f"wrote {res['n']} answers to {res['path']}" + (f" ({res['resumed']} kept from the partial file)"
+                                                               if res["resumed"] else ""), file=sys.stderr)
     return 0
 
 

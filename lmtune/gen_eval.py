@@ -91,81 +91,44 @@ def evaluate_generation(est, data, *, metrics=DEFAULT_METRICS, stem: bool = True
     return to_jsonable(out)
 
 
+def _row_meta(ds) -> tuple[list, list[dict]]:
+    """Each record's id (its ``id`` field, else its line) and the fields every output line carries."""
+    ids = [r.get("id", line) for r, line in zip(ds.records, ds.lines)]
+    return ids, [{"line": line} for line in ds.lines]
+
+
 def generate_rows(est, data, **options):
-    """One JSON-able row per record, in the order answers finish: line, id, answer, finish reason, tokens."""
+    """One JSON-able row per record, in the order answers finish (the same fields as :func:`generate_file`'s
+    lines): id, index, line, text, finish reason, token counts and ids."""
     from lmtune.generation import iter_generate
     from lmtune.methods.base import as_dataset
 
     task = _check(est)
     ds = as_dataset(data)
+    ids, extra = _row_meta(ds)
     prompts = task.prompts(est.lm.tokenizer, ds)
     with est.attached():
         for g in iter_generate(est.lm, prompts, prefix_embeds=_prefix(est), **options):
-            row = {"line": ds.lines[g.index]}
-            if "id" in ds.records[g.index]:
-                row["id"] = ds.records[g.index]["id"]
-            row.update({"output": g.text, "finish_reason": g.finish_reason, "new_tokens": g.new_tokens})
-            yield row
+            yield {"id": ids[g.index], "index": g.index, **extra[g.index], **g.to_dict()}
 
 
-def generate_file(est, data, out, *, resume: bool = False, **options) -> tuple:
-    """Answer every record into the JSONL file ``out``, safely for long runs.
+def generate_file(est, data, out, *, resume: bool = False, progress: bool | None = None, **options) -> dict:
+    """Answer every record into the JSONL file ``out`` through :func:`lmtune.generation.generate_jsonl`
+    (a partial file flushed line by line, the final file in input order, renamed into place).
 
-    Rows are appended (and flushed) to ``OUT.partial`` as their answers finish, so an interrupted run
-    loses at most the rows in flight. When every record is answered, the rows are written to ``out`` in
-    input order (through a temporary file and a rename) and the partial file is removed. With ``resume``
-    an existing partial file's complete rows are kept and only the other records are generated; without
-    it, a leftover partial file is an error rather than silently overwritten.
-
-    Returns
-    -------
-    (Path, int, int)
-        The output path, the rows generated now, and the rows kept from the partial file.
+    A partial file left by an interrupted run is continued with ``resume`` and is otherwise an error:
+    starting over silently would throw away the answers it holds.
     """
-    import json
-    import os
-    from pathlib import Path
-
-    from lmtune.generation import iter_generate
+    from lmtune.generation import generate_jsonl, partial_path
     from lmtune.methods.base import as_dataset
 
     task = _check(est)
     ds = as_dataset(data)
-    out = Path(out)
-    if out.is_dir():
-        raise LmtuneError(f"{out} is a folder: give a file name to write to")
-    partial = out.with_name(out.name + ".partial")
-    index_of = {line: i for i, line in enumerate(ds.lines)}
-    kept: dict[int, dict] = {}
-    if partial.exists():
-        if not resume:
-            raise LmtuneError(f"{partial} is left from an interrupted run: pass --resume to continue it, or delete it")
-        for text in partial.read_text(encoding="utf-8").splitlines():
-            try:
-                row = json.loads(text)
-            except json.JSONDecodeError:  # the row being written when the run stopped
-                continue
-            if isinstance(row, dict) and row.get("line") in index_of:
-                kept[index_of[row["line"]]] = row
-    out.parent.mkdir(parents=True, exist_ok=True)
+    if partial_path(out).exists() and not resume:
+        raise LmtuneError(f"{partial_path(out)} is left from an interrupted run: pass --resume to continue it, "
+                          "or delete it")
+    ids, extra = _row_meta(ds)
     prompts = task.prompts(est.lm.tokenizer, ds)
-    tmp = partial.with_name(partial.name + f".{os.getpid()}")
-    with open(tmp, "w", encoding="utf-8") as f:  # the kept rows, without a torn last line
-        f.writelines(json.dumps(r, ensure_ascii=False) + "\n" for r in kept.values())
-    os.replace(tmp, partial)
-    n_new = 0
-    with open(partial, "a", encoding="utf-8") as f, est.attached():
-        for g in iter_generate(est.lm, prompts, prefix_embeds=_prefix(est), skip=kept, **options):
-            row = {"line": ds.lines[g.index]}
-            if "id" in ds.records[g.index]:
-                row["id"] = ds.records[g.index]["id"]
-            row.update({"output": g.text, "finish_reason": g.finish_reason, "new_tokens": g.new_tokens})
-            f.write(json.dumps(row, ensure_ascii=False) + "\n")
-            f.flush()
-            kept[g.index] = row
-            n_new += 1
-    from lmtune.data import write_jsonl
-
-    write_jsonl(out, (kept[i] for i in sorted(kept)))
-    partial.unlink()
-    return out, n_new, len(kept) - n_new
+    with est.attached():
+        return generate_jsonl(est.lm, prompts, out, ids=ids, extra=extra, resume=resume,
+                              prefix_embeds=_prefix(est), progress=progress, **options)
