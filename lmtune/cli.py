@@ -265,6 +265,8 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("demo", help="Zero-shot vs closed-form vs LoRA on the built-in reviews dataset.")
     p.add_argument("--no-lora", action="store_true", help="Skip the LoRA training (a few minutes on a CPU).")
+    p.add_argument("--no-generate", action="store_true",
+                   help="Skip the instruction-tuning part (LoRA on the built-in instructions, a few minutes).")
     p.add_argument("--model", default=DEFAULT_MODEL)
     p.add_argument("--out", default=None, help="Also save the fitted closed-form run here.")
     p.add_argument("--json", action="store_true", help="Print the results as one JSON object.")
@@ -553,7 +555,8 @@ def cmd_demo(args) -> int:
     from lmtune.report import METRIC_COLUMNS, flips_text, table
 
     log = (lambda *a: None) if args.json else (lambda msg: print(msg, file=sys.stderr))
-    res = run_demo(args.model, progress=False if args.json else None, out=args.out, log=log, lora=not args.no_lora)
+    res = run_demo(args.model, progress=False if args.json else None, out=args.out, log=log, lora=not args.no_lora,
+                   generate=not args.no_generate)
     if args.json:
         print(json.dumps(res))
         return 0
@@ -563,6 +566,13 @@ def cmd_demo(args) -> int:
     print(table(res["rows"], METRIC_COLUMNS))
     print()
     print(flips_text(res["closed_form"]["flips"]))
+    if res["instruct"]:
+        from lmtune.report import generation_text
+
+        ev = res["instruct"]
+        print(f"\ninstruction tuning (LoRA, {ev['train_seconds']:.0f} s of training), answers to the held-out "
+              "instructions:\n")
+        print(generation_text(ev))
     return 0
 
 
