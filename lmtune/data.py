@@ -11,7 +11,6 @@ import csv
 import hashlib
 import io
 import json
-import os
 import string
 from dataclasses import dataclass, field
 from importlib import resources
@@ -205,22 +204,14 @@ def write_jsonl(path: str | Path, rows: Iterable[dict]) -> Path:
     LmtuneError
         ``path`` is a folder.
     """
-    out = Path(path)
-    if out.is_dir():
-        raise LmtuneError(f"{out} is a folder: give a file name to write to")
-    out.parent.mkdir(parents=True, exist_ok=True)
-    # Not tempfile.mkstemp: its files are private (0600), and the result should get the permissions any
-    # new file of the user's gets (their umask).
-    tmp = out.with_name(f".{out.name}.tmp-{os.getpid()}-{os.urandom(4).hex()}")
-    try:
+    from lmtune.runs import atomic_write
+
+    def write(tmp):
         with open(tmp, "x", encoding="utf-8") as f:
             for row in rows:
                 f.write(json.dumps(row, ensure_ascii=False) + "\n")
-        os.replace(tmp, out)
-    finally:
-        if tmp.exists():
-            tmp.unlink()
-    return out
+
+    return atomic_write(path, write)
 
 
 @dataclass(frozen=True)

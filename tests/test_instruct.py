@@ -12,7 +12,7 @@ from lmtune.data import Dataset
 from lmtune.errors import DataError, LmtuneError
 from lmtune.instruct import GenerationTask, end_token_ids
 from lmtune.lm_loss import layout, pack_rows, per_item_losses, position_ids
-from lmtune.mixture import Mixture, Part, parse_mixture
+from lmtune.mixture import parse_mixture
 
 RECORDS = [
     {"instruction": "is this review positive", "input": "the text was great", "output": "yes", "task": "a"},
