@@ -75,12 +75,12 @@ import torch
 
 from lmtune.data import Dataset, open_data
 from lmtune.errors import DataError, LmtuneError
+from lmtune.features import MIN_SHARED_PREFIX, common_prefix_length
 from lmtune.models import DEFAULT_MODEL, LM
 
 LETTERS = "ABCDEFGHIJKLMNOPQRSTUVWXYZ"
 FORMATS = ("letters", "text")
 SPLIT_SUFFIXES = ("_test", "_dev", "_val", "_validation", "_train", "_auxiliary_train")
-MIN_SHARED_PREFIX = 4
 STEP2_CACHE_BYTES = 256 << 20  # key/value memory per batch of multi-token continuations
 
 
@@ -338,12 +338,6 @@ def _items(q_index: int, group, ctx: list[int], conts: list[list[int]], max_leng
     return items, truncated
 
 
-def _common_prefix(seqs: list[list[int]]) -> int:
-    from lmtune.features import common_prefix_length
-
-    return common_prefix_length(seqs)
-
-
 def _cache_from(kv, rows: torch.Tensor | None, config):
     from transformers import DynamicCache
 
@@ -367,7 +361,7 @@ def _score_group(lm: LM, items: list[_Item], virtual: torch.Tensor | None, batch
     pad = lm.tokenizer.pad_token_id if lm.tokenizer.pad_token_id is not None else 0
 
     # 1. The shared prefix (virtual tokens, then the common context tokens), once.
-    S = _common_prefix([it.context for it in items])
+    S = common_prefix_length([it.context for it in items])
     S = S if S >= MIN_SHARED_PREFIX else 0
     prefix_kv, Q = None, 0
     if S or virtual is not None:
@@ -602,6 +596,8 @@ def evaluate_multiple_choice(data, *, model: "LM | str | None" = None, run=None,
     if k_shot < 0:
         raise LmtuneError(f"k_shot must be >= 0, got {k_shot}")
     questions = limit_per_subject(read_questions(data), limit)
+    if not questions:
+        raise LmtuneError("no questions to score")
     dev_questions = read_questions(dev) if dev is not None else None
     shots = select_shots(questions, dev_questions, k_shot)  # before the model loads: a bad --dev fails at once
     t0 = time.perf_counter()
