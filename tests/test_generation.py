@@ -78,10 +78,51 @@ def test_greedy_batched_equals_generate_one_at_a_time(lm, prompts, stops_early, 
         assert g.text == lm.tokenizer.decode(ref, skip_special_tokens=True)
 
 
+@pytest.mark.parametrize("batch_size", [3, 8])
+def test_padded_prompt_pass_for_caches_that_cannot_merge(lm, prompts, stops_early, batch_size, monkeypatch):
+    """Models with sliding-window caches run their prompts as one left-padded batch, finished rows masked."""
+    eos, refs = stops_early
+    monkeypatch.setattr(gen, "_mergeable", lambda model: False)
+    out = generate(lm, prompts, max_new_tokens=12, eos_token_ids=eos, batch_size=batch_size)
+    assert [g.token_ids for g in out] == refs
+    prefix = torch.randn(3, lm.hidden_size, generator=torch.Generator().manual_seed(2)) * 0.5
+    with_prefix = generate(lm, prompts, max_new_tokens=4, eos_token_ids=(lm.tokenizer.pad_token_id,),
+                           batch_size=batch_size, prefix_embeds=prefix)
+    assert [g.token_ids for g in with_prefix] == [_naive_greedy(lm, p, prefix, 4) for p in prompts]
+
+
 def test_greedy_equals_generate_on_the_shared_tiny_model(tiny_lm, prompts):
     eos = gen.end_ids(tiny_lm)
     out = generate(tiny_lm, prompts, max_new_tokens=8, batch_size=3)
     assert [g.token_ids for g in out] == [hf_greedy(tiny_lm, p, 8, eos) for p in prompts]
+
+
+def test_shared_prompt_prefix_runs_once_and_changes_nothing(lm, prompts, monkeypatch):
+    tok = lm.tokenizer
+    head = tok("<|user|> review : is this review positive ? answer yes or no", add_special_tokens=False)["input_ids"]
+    with_head = [head + p for p in prompts]
+    shared = []
+    real = gen._Engine.share_prefix
+
+    def spy(self, order):
+        real(self, order)
+        shared.append(self.shared[0] if self.shared else 0)
+
+    monkeypatch.setattr(gen._Engine, "share_prefix", spy)
+    eos = (tok.pad_token_id,)
+    out = generate(lm, with_head, max_new_tokens=8, eos_token_ids=eos, batch_size=3)
+    assert [g.token_ids for g in out] == [hf_greedy(lm, p, 8, eos) for p in with_head]
+    prefix = torch.randn(2, lm.hidden_size, generator=torch.Generator().manual_seed(5)) * 0.5
+    virtual = generate(lm, with_head, max_new_tokens=4, eos_token_ids=eos, batch_size=4, prefix_embeds=prefix)
+    assert [g.token_ids for g in virtual] == [_naive_greedy(lm, p, prefix, 4) for p in with_head]
+    assert shared == [len(head), len(head)]
+
+
+def test_long_answers_outgrow_the_cache_buffer(lm, prompts):
+    """More new tokens than the cache's spare room (64): the buffer is reallocated mid-answer."""
+    eos = (lm.tokenizer.pad_token_id,)
+    out = generate(lm, prompts[:3], max_new_tokens=150, eos_token_ids=eos, batch_size=1)
+    assert [g.token_ids for g in out] == [hf_greedy(lm, p, 150, eos) for p in prompts[:3]]
 
 
 def test_iterator_yields_each_row_when_it_finishes(lm, prompts, stops_early):
