@@ -17,6 +17,7 @@ from lmtune.data import Dataset, Template, load_builtin, open_data, read_records
 from lmtune.errors import DataError, LmtuneError
 from lmtune.evaluate import evaluate, predict_records
 from lmtune.features import Features, cached_extract, extract
+from lmtune.generation import Generation, GenerationOptions, generate, generate_jsonl, iter_generate
 from lmtune.genmetrics import generation_report
 from lmtune.merge import merge
 from lmtune.methods import (METHODS, AdaLoraClassifier, AdapterClassifier, ClosedFormClassifier, FullClassifier,
@@ -30,8 +31,10 @@ from lmtune.tasks import ClassificationTask
 __all__ = [
     "DEFAULT_MODEL", "LM", "METHODS", "AdaLoraClassifier", "AdapterClassifier", "AdapterSwitch",
     "ClassificationTask", "ClosedFormClassifier", "DataError", "Dataset", "Features", "FullClassifier",
+    "Generation", "GenerationOptions",
     "LastLayersClassifier", "LmtuneError", "LoraClassifier", "NormTuningClassifier", "PromptTuningClassifier",
     "Question", "TemperatureScaled", "Template", "ZeroShotClassifier", "cached_extract", "calibrate_run", "evaluate",
-    "evaluate_multiple_choice", "extract", "generation_report", "load_builtin", "load_model", "load_run", "merge",
+    "evaluate_multiple_choice", "extract", "generate", "generate_jsonl", "generation_report", "iter_generate",
+    "load_builtin", "load_model", "load_run", "merge",
     "open_data", "predict_records", "read_questions", "read_records",
 ]
