@@ -9,25 +9,32 @@ this module continues them. One decoding step feeds every active row its last to
 
 Why a hand-written loop and not ``model.generate`` on a batch
 ------------------------------------------------------------
-transformers' ``generate`` batches well, but a batch runs until its longest row is done: a row that has
-emitted its end-of-turn token keeps being computed (and padded) for as long as the slowest row runs, stop
-strings end the whole batch or nothing, and nothing comes out before the batch is over. Here:
+transformers' ``generate`` batches, but a batch runs until its longest row is done: a row that has finished
+(end token or stop string) keeps being computed, fed padding, for as long as the slowest row runs; its
+prompt pass is padded to the batch's longest prompt; a stop string stays in the text; and nothing comes
+out before the batch is over. Here:
 
-* **Left padding, positions from the mask.** Rows are left-padded so every row's next token is in the last
-  column; the attention mask hides the padding and each row's position ids count only its real tokens
-  (``cumsum(mask) - 1``), so a padded row sees exactly the positions it would see alone. This is what
+* **Prompt passes without padding.** Each prompt runs on its own (a prompt pass is a matrix product
+  over its tokens, efficient without a batch), after the keys/values of the token prefix that all
+  prompts share (a chat template's system turn, a few-shot header), computed once: exact, since attention
+  is causal. The pass asks for ``logits_to_keep=1``: the full-vocabulary logits of the prompt positions
+  are never built.
+* **Decoding in left-padded batches, positions per row.** The rows' caches are merged left-padded, so every
+  row's next token is in the last column; the attention mask hides the padding and each row carries its
+  own position counter, so a padded row sees exactly the positions it would see alone. This is what
   Llama-family models need with transformers 5's ``DynamicCache`` (a right-padded batch would append new
   tokens after the padding and need per-row scatter into the cache).
-* **Only the last prompt position gets logits.** The prompt pass asks for ``logits_to_keep=1``: the
-  (B, T, V) full-vocabulary logits of the prompt positions are never built.
 * **Finished rows leave the batch** (``schedule="drop"``): their keys and values are removed from the cache
   and columns that became padding for every remaining row are cut off the left, so a long answer does
   not make short ones wait and short ones cost nothing once done. With ``schedule="refill"`` (the
-  default) the freed places are filled with waiting prompts: their prompt pass runs on its own and their
-  keys/values are merged into the running cache (left-padded to a common length), so the batch stays
-  full. ``schedule="mask"`` keeps finished rows in the batch until all are done (what ``generate``
-  does), for comparison. ``benchmarks/bench_generation.py`` measures the three.
-* **Prompts sorted by length**, longest first, so a batch wastes little padding.
+  default) the freed places are filled with waiting prompts, whose caches are merged into the running
+  one, so the batch stays full. ``schedule="mask"`` keeps finished rows in the batch until all are done
+  (what ``generate`` does), for comparison. ``benchmarks/bench_generation.py`` measures the three.
+  Prompts are admitted longest first.
+* **A cache that grows in place**: transformers' ``DynamicLayer`` concatenates the whole cache at every
+  step; the layers here keep spare room (:func:`_growing_layer_class`).
+* **Models whose cache cannot be merged** (sliding-window layers) run each batch's prompts as one
+  left-padded pass (positions ``cumsum(mask) - 1``) and keep finished rows masked.
 * **Stop strings per row**: a row stops as soon as its decoded text contains one of ``stop``; its text is
   cut before the earliest stop string. The token ids returned are every token generated, up to and
   including the one that completed the stop string (a stop string need not end on a token boundary).
@@ -47,7 +54,8 @@ Exactness
 Greedy decoding here and ``model.generate(do_sample=False)`` on one prompt at a time compute the same
 function; they agree token for token when the arithmetic agrees. It does on the tiny test model. On a real
 model a batched matrix product can round differently from a one-row product (the CPU kernels block the
-reductions by batch shape), and padding columns change the length of the attention reductions; when two
+reductions by batch shape), padding columns change the length of the attention reductions, and a shared
+prefix's keys come from a shorter pass than the whole prompt's; when two
 candidate tokens' logits are within that rounding (about 1e-6 relative) the argmax can flip and the two
 texts diverge from that token on. Such a row is a near-tie, not a bug; the tests and the benchmark report
 how many rows differ.
