@@ -86,7 +86,7 @@ def test_ggn_vectors_factor_the_softmax_hessian():
     torch.testing.assert_close(U @ U.transpose(1, 2), H, atol=1e-12, rtol=0)
 
 
-@pytest.mark.parametrize("weight_sharing", ["reduce", "expand"])
+@pytest.mark.parametrize("weight_sharing", ["weighted", "reduce", "expand"])
 @pytest.mark.parametrize("name", ["A", "B"])
 def test_kfac_equals_the_exact_ggn_block_for_one_example_and_token(name, weight_sharing):
     model = LoraToy()
@@ -95,6 +95,21 @@ def test_kfac_equals_the_exact_ggn_block_for_one_example_and_token(name, weight_
     P = post.precision_matrix(name)
     kfac = P - post.prior_precision * torch.eye(P.shape[0], dtype=F64)
     close(kfac, explicit_ggn(model, x, lengths, name))
+
+
+@pytest.mark.parametrize("name", ["A", "B"])
+def test_weighted_kfac_is_exact_when_only_the_last_token_receives_gradient(name):
+    # LoraToy reads the label at the last token and its LoRA acts token by token: only that token's
+    # output gets gradient, as for the query projection of an LLM's last layer
+    model = LoraToy()
+    x, lengths, y = randn(1, 4, 5), torch.tensor([4]), torch.tensor([1])
+    exact = explicit_ggn(model, x, lengths, name)
+    post = collect(model, x, lengths, y, "weighted")
+    P = post.precision_matrix(name)
+    close(P - post.prior_precision * torch.eye(P.shape[0], dtype=F64), exact)
+    for other in ("reduce", "expand"):  # the uniform token weightings describe the other tokens too
+        P = collect(model, x, lengths, y, other).precision_matrix(name)
+        assert (P - torch.eye(P.shape[0], dtype=F64) - exact).abs().max() > 1e-3 * exact.abs().max()
 
 
 def test_kfac_is_exact_for_one_linear_layer_when_examples_share_the_softmax_hessian():
@@ -262,6 +277,20 @@ def test_predictive_probabilities_mc_and_probit():
                                predictive_probs(mean, cov, "mc", 100, seed=3))
     pr = predictive_probs(mean, cov, "probit")
     assert float(pr[0, 0]) < float(torch.softmax(mean, -1)[0, 0])
+    # probit, binary: the sigmoid of the margin scaled by its variance; a variance shared by all logits
+    # (which softmax ignores) changes nothing
+    for b in range(2):
+        m = float(mean[b, 1] - mean[b, 0])
+        v = float(cov[b, 0, 0] + cov[b, 1, 1] - 2 * cov[b, 0, 1])
+        assert float(pr[b, 1]) == pytest.approx(1 / (1 + math.exp(-m / math.sqrt(1 + math.pi / 8 * v))), rel=1e-12)
+    shared = cov + 5.0 * torch.ones(2, 2, dtype=F64)
+    torch.testing.assert_close(predictive_probs(mean, shared, "probit"), pr)
+    torch.testing.assert_close(predictive_probs(mean, shared, "mc", 100, seed=3),
+                               predictive_probs(mean, cov, "mc", 100, seed=3))
+    # K = 3: rows sum to 1, zero covariance gives the softmax
+    mean3 = torch.tensor([[0.5, -1.0, 2.0]], dtype=F64)
+    torch.testing.assert_close(predictive_probs(mean3, torch.zeros(1, 3, 3, dtype=F64), "probit"),
+                               torch.softmax(mean3, -1))
     with pytest.raises(LmtuneError, match="predictive must be"):
         predictive_probs(mean, cov, "laplace")
 
