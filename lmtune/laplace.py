@@ -52,14 +52,26 @@ Posterior, evidence, prior
 With ``G = Q_G diag(e) Q_G'`` and ``A = Q_A diag(s) Q_A'``, the precision block ``G (x) A + delta I`` has
 eigenvectors ``Q_G (x) Q_A`` and eigenvalues ``e_i s_j + delta``: inverse and log determinant cost
 nothing more. The prior is ``N(0, delta^-1 I)`` on every LoRA parameter, one ``delta`` for all, chosen by
-maximising the Laplace evidence (marginal likelihood)
+maximising the Laplace evidence (marginal likelihood). With ``lambda_i`` the P eigenvalues of the KFAC
+GGN and ``s_i`` the squared components of ``theta*`` along their eigenvectors (``sum s_i = ||theta*||^2``):
 
-    log p(D | delta) ~= log p(D | theta*) - delta/2 ||theta*||^2 + P/2 log delta - 1/2 sum_i log(lambda_i + delta)
+    log p(D | delta) ~= log p(D | theta*) - 1/2 sum_i [ s_i w_i + log(1 + lambda_i / delta) ]
 
-(``lambda_i`` the P eigenvalues of the KFAC GGN). It is strictly concave in ``log delta``, so the
-maximiser is the root of its derivative, found by a bracketed search (``scipy.optimize.brentq``). As in
-post-hoc Laplace generally, ``theta*`` was trained without this prior (LoRA trains with no penalty or
-AdamW's decoupled decay); the evidence is evaluated at the trained adapter, not re-optimised.
+    post-hoc (the default):  w_i = delta lambda_i / (lambda_i + delta)
+    mode (the textbook form): w_i = delta,  i.e.  - delta/2 ||theta*||^2 + P/2 log delta - 1/2 log det(GGN + delta I)
+
+The textbook form expands the log *joint* at ``theta*`` and so assumes ``theta*`` is its mode, i.e. that
+training used this prior. Post hoc it did not: LoRA trains without the penalty, A starts random and AdamW
+moves every coordinate by about the learning rate per step, including those the data leave undetermined.
+That norm is then read as evidence for a broad prior: on the demo's adapter 89% of ``||theta*||^2 = 294``
+lies along eigenvalues below 1, the textbook form chose ``delta = 1.1`` (prior standard deviation ~1 per
+weight against trained weights of RMS 0.07), and the linearised predictive came out far under-confident
+(test NLL 0.44 against 0.30 for the MAP). The post-hoc form expands the log *likelihood* at ``theta*``
+(its mode) and integrates that Gaussian against the prior exactly: a component along a direction the data
+do not determine (``lambda_i << delta``) then costs nothing, as it would be shrunk away. On the same
+adapter it chose ``delta = 21`` (test NLL 0.32). The posterior covariance is ``(GGN + delta I)^-1`` either
+way; the mean stays at the trained adapter (post-hoc Laplace generally keeps the trained weights).
+The maximiser over ``log delta`` is found by a grid scan and ``scipy.optimize.brentq`` on the derivative.
 
 Predictive
 ----------
@@ -347,8 +359,7 @@ class KFACCollector:
         if not self.n_examples:
             raise LmtuneError("no batches were given to the KFAC collector")
         blocks = {n: (self.acc_out[n].factor(1.0), self.acc_in[n].factor(1.0 / self.n_in_rows)) for n in self.modules}
-        sq = sum(float(theta[n].detach().double().pow(2).sum()) for n in self.modules)
-        return KFACPosterior(blocks, theta_sq_norm=sq, log_lik=self.log_lik, n_data=self.n_examples)
+        return KFACPosterior(blocks, theta=theta, log_lik=self.log_lik, n_data=self.n_examples)
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -361,8 +372,9 @@ class KFACPosterior:
     ----------
     blocks : dict of str to (KronFactor, KronFactor)
         Per weight (out, in): the output-side factor G (out) and the input-side factor A (in).
-    theta_sq_norm : float
-        ``||theta*||^2`` over all blocks (the prior's term in the evidence).
+    theta : dict of str to Tensor
+        The trained weights ``theta*`` (out, in) of every block: the posterior mean, and the prior's term
+        in the evidence.
     log_lik : float
         ``log p(D | theta*)`` on the training data.
     n_data : int
@@ -370,69 +382,85 @@ class KFACPosterior:
         ``delta``.
     """
 
-    def __init__(self, blocks: dict[str, tuple[KronFactor, KronFactor]], *, theta_sq_norm: float, log_lik: float,
-                 n_data: int, prior_precision: float = 1.0):
+    def __init__(self, blocks: dict[str, tuple[KronFactor, KronFactor]], *, theta: dict[str, torch.Tensor],
+                 log_lik: float, n_data: int, prior_precision: float = 1.0):
         self.blocks = blocks
-        self.theta_sq_norm = float(theta_sq_norm)
+        self.theta = {n: theta[n].detach().to("cpu", torch.float32).clone() for n in blocks}
         self.log_lik = float(log_lik)
         self.n_data = int(n_data)
         self.prior_precision = float(prior_precision)
+        self.prior_at_bound = False
+        self._groups = None
 
     @property
     def n_params(self) -> int:
         return sum(G.dim * A.dim for G, A in self.blocks.values())
 
-    def spectrum(self) -> tuple[np.ndarray, np.ndarray]:
-        """Eigenvalues of the KFAC GGN (all blocks) and their multiplicities; multiplicities sum to P."""
-        vals, counts = [], []
-        for G, A in self.blocks.values():
-            (vg, cg), (va, ca) = G.spectrum(), A.spectrum()
-            vals.append(np.outer(vg, va).ravel())
-            counts.append(np.outer(cg, ca).ravel())
-        return np.concatenate(vals), np.concatenate(counts)
+    @property
+    def theta_sq_norm(self) -> float:
+        return float(sum(t.double().pow(2).sum() for t in self.theta.values()))
+
+    def spectrum(self) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """The KFAC GGN's eigenvalues (all blocks), their multiplicities (summing to P), and the squared
+        norm of ``theta*`` within each eigenvalue's eigenspace (summing to ``||theta*||^2``)."""
+        if self._groups is None:
+            parts = [_block_groups(G, A, self.theta[n]) for n, (G, A) in self.blocks.items()]
+            self._groups = tuple(np.concatenate([p[i] for p in parts]) for i in range(3))
+        return self._groups
 
     # -- evidence -------------------------------------------------------------------------------------
 
-    def log_marginal_likelihood(self, prior_precision: float | None = None) -> float:
-        """The Laplace approximation of ``log p(D | delta)`` (module docstring)."""
-        d = self.prior_precision if prior_precision is None else float(prior_precision)
-        lam, c = self.spectrum()
-        P = c.sum()
-        return float(self.log_lik - 0.5 * d * self.theta_sq_norm + 0.5 * P * math.log(d)
-                     - 0.5 * np.sum(c * np.log(lam + d)))
+    def log_marginal_likelihood(self, prior_precision: float | None = None, form: str = "post-hoc") -> float:
+        """``log p(D | delta)`` under the Laplace approximation, in the ``form`` of the module docstring.
 
-    def log_marginal_likelihood_grad(self, prior_precision: float | None = None) -> float:
+        With ``lambda_i`` the eigenvalues, ``c_i`` their multiplicities and ``s_i`` the squared norm of
+        ``theta*`` in their eigenspaces: ``log p(D | theta*) - 1/2 sum_i [s_i w_i + c_i log(1 + lambda_i /
+        delta)]``, ``w_i = delta lambda_i / (lambda_i + delta)`` (post-hoc) or ``delta`` (mode).
+        """
+        d = self._delta(prior_precision)
+        lam, c, s2 = self.spectrum()
+        w = d * lam / (lam + d) if _form(form) == "post-hoc" else d
+        return float(self.log_lik - 0.5 * np.sum(s2 * w + c * np.log1p(lam / d)))
+
+    def log_marginal_likelihood_grad(self, prior_precision: float | None = None, form: str = "post-hoc") -> float:
         """``d log p(D | delta) / d delta``."""
-        d = self.prior_precision if prior_precision is None else float(prior_precision)
-        lam, c = self.spectrum()
-        return float(-0.5 * self.theta_sq_norm + 0.5 * c.sum() / d - 0.5 * np.sum(c / (lam + d)))
+        d = self._delta(prior_precision)
+        lam, c, s2 = self.spectrum()
+        dw = lam ** 2 / (lam + d) ** 2 if _form(form) == "post-hoc" else 1.0
+        return float(-0.5 * np.sum(s2 * dw - c * lam / (d * (lam + d))))
 
-    def optimize_prior_precision(self) -> float:
-        """Set ``prior_precision`` to the evidence maximiser and return it.
+    def optimize_prior_precision(self, form: str = "post-hoc", bounds: tuple[float, float] = (-20.0, 30.0)) -> float:
+        """Set ``prior_precision`` to the evidence maximiser over ``log delta`` in ``bounds`` and return it.
 
-        In ``t = log delta`` the evidence is strictly concave and ``delta * d/d delta`` runs from
-        ``(P - #zero eigenvalues) / 2 > 0`` down to minus infinity, so the root is bracketed by widening.
+        The evidence is scanned on a grid in ``log delta`` (steps of 0.5), and the best grid point's
+        neighbourhood is searched for the root of the derivative (``scipy.optimize.brentq``). When the
+        maximum lies at a bound (the adapter's weights carry no signal the data determine: the evidence
+        keeps rising as the prior tightens), the bound is taken and ``prior_at_bound`` says so.
         """
         from scipy.optimize import brentq
 
-        lam, c = self.spectrum()
-        P, m = c.sum(), self.theta_sq_norm
-        if m <= 0:
-            raise LmtuneError("the adapter's weights are all zero: the evidence has no finite maximiser")
+        _form(form)
+        ts = np.arange(bounds[0], bounds[1] + 1e-9, 0.5)
+        f = [self.log_marginal_likelihood(math.exp(t), form) for t in ts]
+        k = int(np.argmax(f))
 
-        def h(t):
-            d = math.exp(t)
-            return -0.5 * d * m + 0.5 * P - 0.5 * float(np.sum(c * d / (lam + d)))
+        def h(t):  # delta * d/d delta, the derivative in log delta
+            return math.exp(t) * self.log_marginal_likelihood_grad(math.exp(t), form)
 
-        lo, hi = -5.0, 5.0
-        while h(lo) <= 0 and lo > -200:
-            lo -= 10
-        while h(hi) >= 0 and hi < 200:
-            hi += 10
-        if not (h(lo) > 0 > h(hi)):
-            raise LmtuneError("could not bracket the evidence maximiser over delta in [e^-200, e^200]")
-        self.prior_precision = math.exp(brentq(h, lo, hi, xtol=1e-12, rtol=1e-12))
+        self.prior_at_bound = k in (0, len(ts) - 1)
+        if self.prior_at_bound:
+            t = ts[k]
+        else:
+            lo, hi = ts[k - 1], ts[k + 1]
+            t = brentq(h, lo, hi, xtol=1e-12, rtol=1e-12) if h(lo) > 0 > h(hi) else ts[k]
+        self.prior_precision = math.exp(t)
         return self.prior_precision
+
+    def _delta(self, prior_precision) -> float:
+        d = self.prior_precision if prior_precision is None else float(prior_precision)
+        if not d > 0:
+            raise LmtuneError(f"prior_precision must be positive, got {d}")
+        return d
 
     # -- predictive -----------------------------------------------------------------------------------
 
@@ -485,10 +513,10 @@ class KFACPosterior:
 
     def state_dict(self) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
         """Tensors and string metadata for a safetensors file."""
-        tensors, meta = {}, {"theta_sq_norm": repr(self.theta_sq_norm), "log_lik": repr(self.log_lik),
-                             "n_data": str(self.n_data), "prior_precision": repr(self.prior_precision),
-                             "blocks": ",".join(self.blocks)}
+        tensors, meta = {}, {"log_lik": repr(self.log_lik), "n_data": str(self.n_data),
+                             "prior_precision": repr(self.prior_precision), "blocks": ",".join(self.blocks)}
         for name, (G, A) in self.blocks.items():
+            tensors[f"{name}.theta"] = self.theta[name].contiguous()
             for side, F in (("G", G), ("A", A)):
                 tensors[f"{name}.{side}.Q"] = F.Q.contiguous()
                 tensors[f"{name}.{side}.lam"] = F.lam.contiguous()
@@ -504,7 +532,7 @@ class KFACPosterior:
 
     @classmethod
     def load(cls, path) -> "KFACPosterior":
-        from safetensors import safe_open
+        from safetensors import SafetensorError, safe_open
 
         path = Path(path)
         with safe_open(str(path), framework="pt") as f:
@@ -515,10 +543,47 @@ class KFACPosterior:
                     blocks[name] = tuple(
                         KronFactor(f.get_tensor(f"{name}.{s}.Q"), f.get_tensor(f"{name}.{s}.lam"),
                                    float(meta[f"{name}.{s}.rest"]), int(meta[f"{name}.{s}.dim"])) for s in ("G", "A"))
-                return cls(blocks, theta_sq_norm=float(meta["theta_sq_norm"]), log_lik=float(meta["log_lik"]),
-                           n_data=int(meta["n_data"]), prior_precision=float(meta["prior_precision"]))
-            except KeyError as e:
+                theta = {name: f.get_tensor(f"{name}.theta") for name in blocks}
+                return cls(blocks, theta=theta, log_lik=float(meta["log_lik"]), n_data=int(meta["n_data"]),
+                           prior_precision=float(meta["prior_precision"]))
+            except (KeyError, SafetensorError) as e:
                 raise LmtuneError(f"{path}: not a Laplace posterior file (missing {e})") from None
+
+
+EVIDENCE_FORMS = ("post-hoc", "mode")
+
+
+def _form(form: str) -> str:
+    if form not in EVIDENCE_FORMS:
+        raise LmtuneError(f"evidence form must be one of {', '.join(EVIDENCE_FORMS)}, got {form!r}")
+    return form
+
+
+def _block_groups(G: KronFactor, A: KronFactor, W: torch.Tensor) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Eigenvalues of ``G (x) A``, multiplicities, and the squared norm of ``W`` (out, in) in each eigenspace.
+
+    The pairs of kept eigenvectors are single directions; a kept vector of one factor with the other's
+    complement, and the two complements, are eigenspaces whose squared norms come from projections.
+    """
+    W = W.double()
+    Q1, Q2, l1, l2 = G.Q.double(), A.Q.double(), G.lam.double(), A.lam.double()
+    P1 = Q1.T @ W  # (m1, in)
+    P12 = P1 @ Q2  # (m1, m2)
+    sq = P12 ** 2
+    vals, counts, s2 = [torch.outer(l1, l2).ravel()], [torch.ones(sq.numel(), dtype=torch.float64)], [sq.ravel()]
+    if A.complement:
+        vals.append(l1 * A.rest)
+        counts.append(torch.full((G.m,), float(A.complement), dtype=torch.float64))
+        s2.append((P1 ** 2).sum(1) - sq.sum(1))
+    if G.complement:
+        vals.append(G.rest * l2)
+        counts.append(torch.full((A.m,), float(G.complement), dtype=torch.float64))
+        s2.append(((W @ Q2) ** 2).sum(0) - sq.sum(0))
+    if A.complement and G.complement:
+        vals.append(torch.tensor([G.rest * A.rest], dtype=torch.float64))
+        counts.append(torch.tensor([float(G.complement * A.complement)], dtype=torch.float64))
+        s2.append((W ** 2).sum().reshape(1) - sum(x.sum() for x in s2))
+    return (torch.cat(vals).numpy(), torch.cat(counts).numpy(), torch.cat(s2).clamp_min(0).numpy())
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -551,17 +616,17 @@ def predictive_probs(mean: torch.Tensor, cov: torch.Tensor, method: str = "mc", 
 
 def fit_posterior(modules: dict[str, torch.nn.Module], batches: Iterable[tuple[Callable, torch.Tensor, torch.Tensor]],
                   *, weight_sharing: str = "weighted", rank: int = 128, max_full_dim: int = FULL_FACTOR_MAX_DIM,
-                  prior_precision: float | None = None) -> KFACPosterior:
+                  prior_precision: float | None = None, evidence: str = "post-hoc") -> KFACPosterior:
     """KFAC Laplace posterior of ``modules``' weights from ``(forward, y, lengths)`` batches.
 
-    ``prior_precision`` None tunes it by the evidence; a number fixes it.
+    ``prior_precision`` None maximises the evidence of ``evidence`` form over it; a number fixes it.
     """
     col = KFACCollector(modules, weight_sharing=weight_sharing, rank=rank, max_full_dim=max_full_dim)
     for forward, y, lengths in batches:
         col.add_batch(forward, y, lengths)
     post = col.posterior({n: m.weight for n, m in modules.items()})
     if prior_precision is None:
-        post.optimize_prior_precision()
+        post.optimize_prior_precision(evidence)
     else:
         if not prior_precision > 0:
             raise LmtuneError(f"prior_precision must be positive, got {prior_precision}")
@@ -641,12 +706,20 @@ def fit_lora_laplace(est, ds) -> tuple[KFACPosterior, dict]:
         shapes = {n: tuple(m.weight.shape) for n, m in modules.items()}
     seconds = time.perf_counter() - t0
     wide = [F for G, A in post.blocks.values() for F in (G, A) if F.complement]
-    info = {"kind": "laplace", "curvature": "KFAC (gradient-weighted token reduction) of the exact GGN, per LoRA factor",
+    d = post.prior_precision
+    lam, c, s2 = post.spectrum()
+    mode_delta = KFACPosterior(post.blocks, theta=post.theta, log_lik=post.log_lik,
+                               n_data=post.n_data).optimize_prior_precision("mode")
+    info = {"kind": "laplace", "curvature": "KFAC of the exact GGN per LoRA factor, gradient-weighted token reduction",
             "predictive": f"linearised (GLM), {est.predictive}"
                           + (f" with {est.mc_samples} samples" if est.predictive == "mc" else ""),
-            "prior_precision": post.prior_precision, "prior_precision_tuned": est.prior_precision is None,
+            "prior_precision": d, "prior_precision_tuned": est.prior_precision is None,
+            "prior_at_bound": post.prior_at_bound, "evidence": "post-hoc",
             "log_marginal_likelihood": post.log_marginal_likelihood(), "log_likelihood": post.log_lik,
-            "theta_sq_norm": post.theta_sq_norm, "n_params": post.n_params, "n_data": post.n_data,
+            "effective_params": float(np.sum(c * lam / (lam + d))),
+            "theta_sq_norm": post.theta_sq_norm, "theta_sq_determined": float(s2[lam > d].sum()),
+            "mode_form_prior_precision": mode_delta,
+            "n_params": post.n_params, "n_data": post.n_data,
             "factors": len(shapes), "low_rank_factors": len(wide), "kfac_rank": est.kfac_rank,
             "full_factor_max_dim": FULL_FACTOR_MAX_DIM, "reused_lower_layers": start if lower is not None else 0,
             "seconds": seconds, "peak_rss_bytes": mem.peak_rss_bytes, "rss_at_start_bytes": mem.start_rss_bytes,

@@ -177,15 +177,20 @@ def _random_factor(d, m, seed, rest):
 @pytest.mark.parametrize("m_out,m_in", [(4, 6), (2, 6), (4, 3), (2, 3)])
 def test_block_covariance_with_low_rank_factors_matches_the_dense_inverse(m_out, m_in):
     G, A = _random_factor(4, m_out, 1, 0.25), _random_factor(6, m_in, 2, 0.5)
-    post = KFACPosterior({"W": (G, A)}, theta_sq_norm=1.0, log_lik=0.0, n_data=1, prior_precision=0.7)
+    post = KFACPosterior({"W": (G, A)}, theta={"W": torch.ones(4, 6)}, log_lik=0.0, n_data=1, prior_precision=0.7)
     J = randn(5, 3, 4, 6)
     cov = post.block_covariance("W", J)
     Sigma = torch.linalg.inv(post.precision_matrix("W"))
     Jf = J.reshape(5, 3, -1)
     close(cov, Jf @ Sigma @ Jf.transpose(1, 2))
     # and the evidence's spectrum is the dense matrix's (log det included)
-    lam, c = post.spectrum()
+    lam, c, s2 = post.spectrum()
     assert c.sum() == 24
+    # theta's squared components: they add up to its norm, and weighted by the eigenvalues to theta' H theta
+    th = post.theta["W"].double().reshape(-1)
+    H = torch.kron(G.matrix(), A.matrix())
+    assert s2.sum() == pytest.approx(float(th @ th), rel=1e-6)
+    assert float((s2 * lam).sum()) == pytest.approx(float(th @ H @ th), rel=1e-5)
     dense = torch.linalg.eigvalsh(torch.kron(G.matrix(), A.matrix()))
     np.testing.assert_allclose(np.sort(np.repeat(lam, c.astype(int))), np.sort(dense.numpy()), atol=1e-6)
 
@@ -220,28 +225,69 @@ def _toy_posterior():
     return collect(model, x, lengths, y)
 
 
-def test_log_marginal_likelihood_matches_a_dense_computation_and_its_gradient_finite_differences():
-    post = _toy_posterior()
-    delta = 0.8
-    P = post.n_params
-    logdet = sum(torch.logdet(post.precision_matrix(n) - (post.prior_precision - delta) * torch.eye(
-        post.precision_matrix(n).shape[0], dtype=F64)) for n in post.blocks)
-    dense = post.log_lik - 0.5 * delta * post.theta_sq_norm + 0.5 * P * math.log(delta) - 0.5 * float(logdet)
-    assert post.log_marginal_likelihood(delta) == pytest.approx(dense, rel=1e-6)
-    for d in (0.05, 0.8, 12.0):
-        eps = 1e-6 * d
-        fd = (post.log_marginal_likelihood(d + eps) - post.log_marginal_likelihood(d - eps)) / (2 * eps)
-        assert post.log_marginal_likelihood_grad(d) == pytest.approx(fd, rel=1e-5)
+def _dense_evidence(post, delta, form):
+    """Both forms from dense matrices: H the KFAC GGN block, theta the trained weights (row-major)."""
+    out = post.log_lik
+    for n in post.blocks:
+        H = post.precision_matrix(n) - post.prior_precision * torch.eye(post.precision_matrix(n).shape[0], dtype=F64)
+        th = post.theta[n].double().reshape(-1)
+        I = torch.eye(H.shape[0], dtype=F64)
+        occam = 0.5 * float(torch.logdet(I + H / delta))
+        if form == "mode":
+            out -= 0.5 * delta * float(th @ th) + occam
+        else:  # the Gaussian integral of exp(-1/2 (t - th)' H (t - th)) against N(0, I / delta)
+            out -= 0.5 * float(th @ (delta * H @ torch.linalg.solve(H + delta * I, th))) + occam
+    return out
 
 
-def test_tuned_prior_precision_maximises_the_evidence():
+@pytest.mark.parametrize("form", ["post-hoc", "mode"])
+def test_log_marginal_likelihood_matches_a_dense_computation_and_its_gradient_finite_differences(form):
     post = _toy_posterior()
-    best = post.optimize_prior_precision()
-    assert post.prior_precision == best > 0
-    assert abs(post.log_marginal_likelihood_grad(best)) * best < 1e-6 * post.n_params
-    at = post.log_marginal_likelihood(best)
+    for delta in (0.05, 0.8, 12.0):
+        assert post.log_marginal_likelihood(delta, form) == pytest.approx(_dense_evidence(post, delta, form), rel=1e-6)
+        eps = 1e-6 * delta
+        up, down = post.log_marginal_likelihood(delta + eps, form), post.log_marginal_likelihood(delta - eps, form)
+        fd = (up - down) / (2 * eps)
+        assert post.log_marginal_likelihood_grad(delta, form) == pytest.approx(fd, rel=1e-5)
+
+
+def test_post_hoc_evidence_is_the_integral_of_the_quadratic_likelihood_against_the_prior():
+    # one weight: log of the integral of exp(L - lam/2 (t - th)^2) N(t; 0, 1/delta) dt, by quadrature
+    G = KronFactor(torch.ones(1, 1), torch.tensor([2.0]), 0.0, 1)
+    A = KronFactor(torch.ones(1, 1), torch.tensor([1.5]), 0.0, 1)
+    post = KFACPosterior({"w": (G, A)}, theta={"w": torch.tensor([[0.75]])}, log_lik=-4.0, n_data=3)
+    lam, th = 3.0, 0.75
+    t = np.linspace(-30, 30, 600001)
+    for delta in (0.1, 1.0, 7.0):
+        f = -4.0 - lam / 2 * (t - th) ** 2 + 0.5 * np.log(delta / (2 * np.pi)) - delta * t ** 2 / 2
+        assert post.log_marginal_likelihood(delta) == pytest.approx(np.log(np.trapezoid(np.exp(f), t)), abs=1e-7)
+    # a component the data do not determine costs the post-hoc evidence nothing, the textbook form delta/2 x^2
+    G2 = KronFactor(torch.eye(2), torch.tensor([2.0, 0.0]), 0.0, 2)
+    flat = KFACPosterior({"w": (G2, A)}, theta={"w": torch.tensor([[0.75], [5.0]])}, log_lik=-4.0, n_data=3)
+    assert flat.log_marginal_likelihood(1.0) == pytest.approx(post.log_marginal_likelihood(1.0))
+    assert flat.log_marginal_likelihood(1.0, "mode") == pytest.approx(post.log_marginal_likelihood(1.0, "mode") - 12.5)
+    with pytest.raises(LmtuneError, match="evidence form"):
+        post.log_marginal_likelihood(1.0, "laplace")
+
+
+@pytest.mark.parametrize("form", ["post-hoc", "mode"])
+def test_tuned_prior_precision_maximises_the_evidence(form):
+    post = _toy_posterior()
+    post.theta = {n: 4.0 * t for n, t in post.theta.items()}  # weights the data determine (random ones do not)
+    post._groups = None
+    best = post.optimize_prior_precision(form)
+    assert post.prior_precision == best > 0 and not post.prior_at_bound
+    assert abs(post.log_marginal_likelihood_grad(best, form)) * best < 1e-6 * post.n_params
+    at = post.log_marginal_likelihood(best, form)
     for f in (0.5, 0.9, 0.99, 1.01, 1.1, 2.0):
-        assert post.log_marginal_likelihood(best * f) < at
+        assert post.log_marginal_likelihood(best * f, form) < at
+
+
+def test_an_adapter_without_signal_takes_the_tightest_prior():
+    post = _toy_posterior()
+    post.theta = {n: torch.zeros_like(t) for n, t in post.theta.items()}
+    post._groups = None
+    assert post.optimize_prior_precision() == pytest.approx(math.exp(30.0)) and post.prior_at_bound
 
 
 def test_fit_posterior_fixes_or_tunes_the_prior_and_refuses_nonsense():
@@ -297,10 +343,14 @@ def test_predictive_probabilities_mc_and_probit():
 
 def test_posterior_file_round_trip(tmp_path):
     G, A = _random_factor(4, 2, 1, 0.25), _random_factor(6, 6, 2, 0.0)
-    post = KFACPosterior({"m.lora_A": (G, A)}, theta_sq_norm=2.5, log_lik=-3.25, n_data=7, prior_precision=0.125)
+    theta = torch.randn(4, 6, generator=torch.Generator().manual_seed(5))
+    post = KFACPosterior({"m.lora_A": (G, A)}, theta={"m.lora_A": theta}, log_lik=-3.25, n_data=7,
+                         prior_precision=0.125)
     post.save(tmp_path / "p.safetensors")
     back = KFACPosterior.load(tmp_path / "p.safetensors")
-    assert (back.theta_sq_norm, back.log_lik, back.n_data, back.prior_precision) == (2.5, -3.25, 7, 0.125)
+    assert (back.log_lik, back.n_data, back.prior_precision) == (-3.25, 7, 0.125)
+    assert torch.equal(back.theta["m.lora_A"], theta)
+    assert back.log_marginal_likelihood() == post.log_marginal_likelihood()
     torch.testing.assert_close(back.precision_matrix("m.lora_A"), post.precision_matrix("m.lora_A"))
 
 
@@ -318,8 +368,10 @@ def laplace_run(tiny_lm, tmp_path_factory):
     write_jsonl(d / "train.jsonl", recs[:32])
     write_jsonl(d / "test.jsonl", recs[32:44])
     task = ClassificationTask("Review: {text}\nIs this review positive? Answer yes or no.", "negative=no,positive=yes")
+    # a fixed prior: the random tiny model's adapter has no signal, and the evidence would (rightly) pick the
+    # tightest prior, leaving nothing to compare
     est = lmtune.LoraClassifier(tiny_lm, task, rank=4, alpha=8, epochs=2, lr=1e-2, bayes="laplace", progress=False,
-                                cache=False, batch_size=8).fit(d / "train.jsonl")
+                                cache=False, batch_size=8, prior_precision=1.0).fit(d / "train.jsonl")
     return est, d
 
 
@@ -328,7 +380,7 @@ def test_lora_laplace_card_and_identical_predictions_after_loading(laplace_run, 
 
     est, d = laplace_run
     info = est.posterior_info_
-    assert info["kind"] == "laplace" and info["prior_precision_tuned"] and info["prior_precision"] > 0
+    assert info["kind"] == "laplace" and not info["prior_precision_tuned"] and info["prior_precision"] == 1.0
     assert info["n_params"] == est.fit_info_["trainable_params"] and info["n_data"] == 32
     assert info["log_marginal_likelihood"] == pytest.approx(est.posterior_.log_marginal_likelihood())
     assert info["seconds"] > 0 and info["peak_rss_bytes"] > 0
@@ -341,6 +393,24 @@ def test_lora_laplace_card_and_identical_predictions_after_loading(laplace_run, 
     assert card["hyperparameters"]["bayes"] == "laplace" and card["posterior"]["kind"] == "laplace"
     back = lmtune.load_run(run, model=tiny_lm, progress=False, cache=False)
     np.testing.assert_allclose(back.predict_proba(d / "test.jsonl"), p, rtol=0, atol=1e-12)
+
+
+def test_lora_laplace_tunes_the_prior_by_the_post_hoc_evidence(laplace_run):
+    import lmtune
+
+    est, d = laplace_run
+    tuned = lmtune.LoraClassifier(est.lm, est.task, rank=4, alpha=8, epochs=2, lr=1e-2, bayes="laplace",
+                                  progress=False, cache=False, batch_size=8).fit(d / "train.jsonl")
+    info, post = tuned.posterior_info_, tuned.posterior_
+    assert info["prior_precision_tuned"] and info["evidence"] == "post-hoc"
+    assert info["prior_precision"] == post.prior_precision
+    at = post.log_marginal_likelihood()
+    assert post.log_marginal_likelihood(post.prior_precision / 2) <= at
+    assert info["prior_at_bound"] == post.prior_at_bound  # (the random tiny adapter: the evidence rises to the bound)
+    if not post.prior_at_bound:
+        assert post.log_marginal_likelihood(post.prior_precision * 2) <= at
+    assert info["mode_form_prior_precision"] > 0 and info["log_marginal_likelihood"] == pytest.approx(at)
+    assert 0 <= info["theta_sq_determined"] <= info["theta_sq_norm"]
 
 
 def test_lora_laplace_jacobians_from_hooks_equal_autograd_and_batching_does_not_matter(laplace_run):
