@@ -191,6 +191,32 @@ def resolve(name_or_path: str) -> tuple[str, str]:
     )
 
 
+def default_device() -> torch.device:
+    """Where a model goes when the caller names no device.
+
+    ``LMTUNE_DEVICE`` when set (``cpu``, ``cuda``, ``cuda:1``, ...); else the GPU when torch sees one, and
+    under ``torchrun`` the GPU of this process's ``LOCAL_RANK`` (NCCL needs one GPU per process: two
+    processes on one GPU fail inside NCCL, so that case is refused here, before any work); else the CPU.
+    """
+    named = os.environ.get("LMTUNE_DEVICE", "").strip()
+    if named:
+        try:
+            return torch.device(named)
+        except RuntimeError:
+            raise LmtuneError(f"LMTUNE_DEVICE={named!r}: expected a torch device such as cpu, cuda or cuda:1") from None
+    if not torch.cuda.is_available():
+        return torch.device("cpu")
+    local_world = int(os.environ.get("LOCAL_WORLD_SIZE", "1"))
+    if local_world <= 1:
+        return torch.device("cuda")
+    gpus = torch.cuda.device_count()
+    if local_world > gpus:
+        raise LmtuneError(f"torchrun started {local_world} processes on this machine, which has {gpus} GPU(s): "
+                          f"NCCL needs a GPU per process; use --nproc_per_node {gpus}, or LMTUNE_DEVICE=cpu "
+                          "to train on the CPU (gloo)")
+    return torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0")))
+
+
 def load_model(name_or_path: str = DEFAULT_MODEL, *, dtype: torch.dtype = torch.float32,
                device: str | torch.device | None = None, reuse: bool = True) -> LM:
     """Load a causal LM and its tokenizer.
@@ -203,11 +229,12 @@ def load_model(name_or_path: str = DEFAULT_MODEL, *, dtype: torch.dtype = torch.
     dtype : torch.dtype
         Weight dtype; float32 by default (CPU matmuls in bf16 are slow on most CPUs).
     device : str or torch.device, optional
-        Defaults to CUDA when available, else CPU.
+        Defaults to :func:`default_device`: ``LMTUNE_DEVICE``, else CUDA when available (under torchrun,
+        this process's GPU), else CPU.
     reuse : bool
         Return the already-loaded model when the same arguments were loaded before in this process.
     """
-    device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    device = torch.device(device) if device is not None else default_device()
     key = (str(name_or_path), str(dtype), str(device))
     if reuse and key in _LOADED:
         return _LOADED[key]

@@ -16,6 +16,10 @@ import pytest
 
 _SESSION_CACHE = None
 
+# The device the model fixtures load on: the CPU unless LMTUNE_TEST_DEVICE says otherwise
+# (``LMTUNE_TEST_DEVICE=cuda make test`` runs the same suite through the CUDA paths).
+TEST_DEVICE = os.environ.get("LMTUNE_TEST_DEVICE", "cpu")
+
 
 def pytest_configure(config):
     global _SESSION_CACHE
@@ -84,7 +88,7 @@ def tiny_model_dir(tmp_path_factory) -> Path:
 def tiny_lm(tiny_model_dir):
     import lmtune
 
-    return lmtune.load_model(str(tiny_model_dir), device="cpu")
+    return lmtune.load_model(str(tiny_model_dir), device=TEST_DEVICE)
 
 
 @pytest.fixture(scope="session")
@@ -92,7 +96,7 @@ def real_lm():
     """The real default model, loaded once for every end-to-end test."""
     import lmtune
 
-    return lmtune.load_model(lmtune.DEFAULT_MODEL, device="cpu")
+    return lmtune.load_model(lmtune.DEFAULT_MODEL, device=TEST_DEVICE)
 
 
 @pytest.fixture

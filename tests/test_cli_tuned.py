@@ -97,8 +97,9 @@ def test_kill_resume_from_the_cli_matches_an_uninterrupted_run(tiny_model_dir, f
     assert a == (tmp_path / "b" / "adapter_model.safetensors").read_bytes()
 
 
-def test_fit_runs_unchanged_under_torchrun(tiny_model_dir, files, tmp_path):
+def test_fit_runs_unchanged_under_torchrun(tiny_model_dir, files, tmp_path, monkeypatch):
     """Two gloo processes, each half of every batch, give the single-process adapter (dropout off)."""
+    monkeypatch.setenv("LMTUNE_DEVICE", "cpu")  # both runs on the CPU, also where a GPU is present
     import os
     import socket
     import subprocess
@@ -113,7 +114,7 @@ def test_fit_runs_unchanged_under_torchrun(tiny_model_dir, files, tmp_path):
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
-    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}  # LMTUNE_DEVICE=cpu included
     proc = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2",
                            "--master_port", str(port), "-m", "lmtune.cli", *args, "--out", str(tmp_path / "two")],
                           env=env, capture_output=True, text=True, timeout=300)

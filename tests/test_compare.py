@@ -44,14 +44,14 @@ def rows_by_method(res) -> dict[str, dict]:
     return {r["method"]: r for r in res["rows"]}
 
 
-def test_rows_have_a_fixed_shape_and_order(result):
+def test_rows_have_a_fixed_shape_and_order(result, tiny_lm):
     res, _ = result
     assert [r["method"] for r in res["rows"]] == ["zero-shot", "closed-form", "lora", "last-layers"]
     assert all(tuple(r) == ROW_KEYS for r in res["rows"])
     assert res["train"]["n"] == N_TRAIN and res["test"]["n"] == N_TEST and res["val"] is None
     assert res["latency_examples"] == N_LATENCY
     env = res["environment"]
-    assert env["torch"] and env["threads"] >= 1 and env["device"] == "cpu"
+    assert env["torch"] and env["threads"] >= 1 and env["device"].split(":")[0] == tiny_lm.device.type
     json.dumps(res, allow_nan=False)  # JSON-able as promised
 
 
@@ -131,14 +131,16 @@ def test_quality_is_what_evaluate_reports_for_the_saved_run(result, tiny_lm, dat
         assert (r["flipped"] is None) == (r["method"] == "zero-shot")
 
 
-def test_cost_columns(result):
+def test_cost_columns(result, tiny_lm):
     res, _ = result
     rows = rows_by_method(res)
     for r in res["rows"]:
         assert r["train_seconds"] > 0 and r["latency_ms"] > 0
         assert r["peak_rss_bytes"] >= r["start_rss_bytes"] > 0
         assert r["fit_memory_bytes"] == r["peak_rss_bytes"] - r["start_rss_bytes"]
-        assert r["memory_method"] in ("clear_refs", "sampling") and r["cuda_peak_bytes"] is None
+        assert r["memory_method"] in ("clear_refs", "sampling")
+        # the GPU peak is measured where the model lives on a GPU, and only there
+        assert (r["cuda_peak_bytes"] is None) == (tiny_lm.device.type != "cuda")
         # only a LoRA-family adapter can be folded into the weights
         assert (r["merged_latency_ms"] is not None) == (r["method"] == "lora")
     assert rows["lora"]["merged_latency_ms"] > 0

@@ -14,9 +14,9 @@ def _reference(lm, prompts, label_ids):
     Z, L = [], []
     with torch.no_grad():
         for ids in prompts:
-            out = lm.model(input_ids=torch.tensor([ids]), output_hidden_states=True)
-            Z.append(out.hidden_states[-1][0, -1].numpy())
-            L.append(out.logits[0, -1, label_ids].numpy())
+            out = lm.model(input_ids=torch.tensor([ids], device=lm.device), output_hidden_states=True)
+            Z.append(out.hidden_states[-1][0, -1].cpu().numpy())
+            L.append(out.logits[0, -1, label_ids].cpu().numpy())
     return np.stack(Z), np.stack(L)
 
 

@@ -6,6 +6,7 @@ import numpy as np
 import pytest
 import torch
 
+from conftest import TEST_DEVICE
 from lmtune import generation as gen
 from lmtune.errors import LmtuneError
 from lmtune.generation import (GenerationOptions, generate, generate_jsonl, iter_generate, partial_path,
@@ -32,7 +33,7 @@ def lm(tiny_model_dir, tmp_path_factory):
     folder = tmp_path_factory.mktemp("tiny-llama-untied")
     LlamaForCausalLM(cfg).save_pretrained(folder)
     AutoTokenizer.from_pretrained(tiny_model_dir).save_pretrained(folder)
-    return lmtune.load_model(str(folder), device="cpu")
+    return lmtune.load_model(str(folder), device=TEST_DEVICE)
 
 
 @pytest.fixture(scope="module")
@@ -146,7 +147,7 @@ def _naive_greedy(lm, prompt, prefix, n):
     ids = list(prompt)
     with torch.inference_mode():
         for _ in range(n):
-            x = torch.cat([prefix[None], emb(torch.tensor([ids]))], dim=1)
+            x = torch.cat([prefix[None].to(lm.device), emb(torch.tensor([ids], device=lm.device))], dim=1)
             ids.append(int(lm.model(inputs_embeds=x, use_cache=False).logits[0, -1].argmax()))
     return ids[len(prompt):]
 

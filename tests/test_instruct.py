@@ -114,7 +114,7 @@ def _direct_losses(lm, seqs):
     out = []
     for s in seqs:
         with torch.no_grad():
-            logits = lm.model(torch.tensor([s.ids])).logits[0]
+            logits = lm.model(torch.tensor([s.ids], device=lm.device)).logits[0]
         logp = torch.log_softmax(logits.float(), -1)
         terms = [-logp[j - 1, s.ids[j]] for j in range(1, len(s.ids)) if s.targets[j]]
         out.append(float(torch.stack(terms).mean()))
@@ -129,7 +129,7 @@ def test_packed_and_padded_losses_equal_per_record_forward(tiny_lm):
     for pack in (False, True):
         est = lmtune.LoraClassifier(tiny_lm, task, pack=pack)
         with torch.no_grad():
-            got = est._completion_losses(tiny_lm, [s.ids for s in seqs], [s.targets for s in seqs]).numpy()
+            got = est._completion_losses(tiny_lm, [s.ids for s in seqs], [s.targets for s in seqs]).cpu().numpy()
         np.testing.assert_allclose(got, ref, rtol=1e-5, atol=1e-5)
     lay, _ = layout([len(s.ids) for s in seqs], pack=True)
     assert lay.n_rows < len(seqs)  # packing did put several records in a row

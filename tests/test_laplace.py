@@ -440,8 +440,8 @@ def test_lora_laplace_jacobians_from_hooks_equal_autograd_and_batching_does_not_
         for name, mod in modules.items():
             J = torch.stack([torch.autograd.grad(logits[k], mod.weight, retain_graph=True)[0].reshape(-1)
                              for k in range(2)]).double()
-            expected += J @ torch.linalg.inv(post.precision_matrix(name)) @ J.T
-    torch.testing.assert_close(together[0][1], expected, atol=1e-6, rtol=1e-4)
+            expected += (J @ torch.linalg.inv(post.precision_matrix(name).to(J.device)) @ J.T).cpu()
+    torch.testing.assert_close(together[0][1].cpu(), expected, atol=1e-6, rtol=1e-4)
 
 
 def test_lora_laplace_is_less_confident_than_its_map_and_reports_uncertainty(laplace_run):

@@ -4,6 +4,7 @@ import importlib.metadata
 import importlib.util
 
 import pytest
+import torch
 
 import lmtune
 from lmtune import models
@@ -65,3 +66,24 @@ def test_cache_dir_honours_env(monkeypatch, tmp_path):
     monkeypatch.delenv("LMTUNE_CACHE")
     monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "xdg"))
     assert models.cache_dir() == tmp_path / "xdg" / "lmtune"
+
+
+def test_default_device_follows_lmtune_device_and_torchrun(monkeypatch):
+    from lmtune.models import default_device
+
+    monkeypatch.setenv("LMTUNE_DEVICE", "cpu")
+    assert default_device() == torch.device("cpu")
+    monkeypatch.setenv("LMTUNE_DEVICE", "gpu-please")
+    with pytest.raises(LmtuneError, match="LMTUNE_DEVICE='gpu-please'"):
+        default_device()
+    monkeypatch.delenv("LMTUNE_DEVICE")
+    # a machine with 2 GPUs, seen through torch.cuda, under torchrun
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 2)
+    assert default_device() == torch.device("cuda")  # one process: the current GPU
+    monkeypatch.setenv("LOCAL_WORLD_SIZE", "2")
+    monkeypatch.setenv("LOCAL_RANK", "1")
+    assert default_device() == torch.device("cuda", 1)
+    monkeypatch.setenv("LOCAL_WORLD_SIZE", "4")
+    with pytest.raises(LmtuneError, match="4 processes .* 2 GPU"):
+        default_device()

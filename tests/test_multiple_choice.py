@@ -189,7 +189,7 @@ def direct_logliks(lm, context: str, continuations: list[str], max_length: int |
     for c in continuations:
         cont = tok(context + c)["input_ids"][len(ctx):]
         inp = (ctx + cont)[-(max_length + 1):][:-1]
-        ids = torch.tensor([inp])
+        ids = torch.tensor([inp], device=lm.device)
         with torch.no_grad():
             if virtual is None:
                 logits = lm.model(input_ids=ids).logits[0]

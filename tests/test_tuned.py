@@ -199,10 +199,10 @@ def test_frozen_lower_layers_with_a_shared_prompt_prefix_are_exact(tiny_lm, smal
     cached = est._lower_cache(tiny_lm, seqs, 1)
     with torch.no_grad(), layer_range(tiny_lm, 0, 1, final_norm=False) as low:
         for s, h in zip(seqs, cached):
-            ids, mask, _ = pad_batch([s], 0, "cpu")
+            ids, mask, _ = pad_batch([s], 0, tiny_lm.device)
             direct = low(input_ids=ids, attention_mask=mask).last_hidden_state[0]
             assert h.shape == direct.shape
-            torch.testing.assert_close(h, direct, atol=1e-5, rtol=1e-5)
+            torch.testing.assert_close(h.to(direct.device), direct, atol=1e-5, rtol=1e-5)  # the cache is kept on the CPU
     a = fitted(tiny_lm, task, train, "lora", layers=1, lr=1e-2, epochs=2)
     b = fitted(tiny_lm, task, train, "lora", layers=1, lr=1e-2, epochs=2, reuse_lower=False)
     np.testing.assert_allclose(a.label_logits(test)[0], b.label_logits(test)[0], atol=1e-4)

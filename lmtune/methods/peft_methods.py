@@ -510,7 +510,7 @@ class AdaLoraClassifier(PeftClassifier):
         for name, p in self._pm.named_parameters():
             if p.requires_grad and ("lora_A" in name or "lora_B" in name):
                 cov = p @ p.T if "lora_A" in name else p.T @ p
-                reg = reg + torch.linalg.matrix_norm(cov - torch.eye(cov.shape[0], dtype=cov.dtype))
+                reg = reg + torch.linalg.matrix_norm(cov - torch.eye(cov.shape[0], dtype=cov.dtype, device=cov.device))
                 count += 1
         return self.orth_reg * reg / max(count, 1) * n
 
