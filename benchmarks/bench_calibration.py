@@ -27,6 +27,9 @@ Times come from a machine shared with other jobs: the load average at start and 
 
 Usage: .venv/bin/python benchmarks/bench_calibration.py [--particles 4] [--val-share 0.2] [--seed 0]
        [--epochs 3] [--scaling-steps 6] [--no-svgd] [--wait-idle S] [--out PATH]
+The results in docs/benchmarks.md come from two runs: the defaults (the demo's 3 epochs, with SVGD;
+``results/calibration.json``) and ``--epochs 8 --no-svgd --out benchmarks/results/calibration_8epochs.json``
+(the adapter trained into overconfidence, Laplace-LoRA's regime).
 """
 
 from __future__ import annotations
@@ -186,6 +189,7 @@ def write_atomic(path: Path, text: str) -> None:
     try:
         with os.fdopen(fd, "w") as f:
             f.write(text)
+        os.chmod(tmp, 0o644)  # mkstemp makes it private; a result file is for everyone to read
         os.replace(tmp, path)
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
