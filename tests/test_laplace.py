@@ -168,6 +168,20 @@ def test_laplace_covariance_and_glm_predictive_match_explicit_inverses():
     torch.testing.assert_close(mean, model(xt, lt).detach())
 
 
+def test_glm_with_several_priors_equals_one_pass_per_prior():
+    model = LoraToy()
+    post = collect(model, randn(2, 3, 5), torch.tensor([3, 2]), torch.tensor([0, 2]))
+    xt, lt = randn(3, 4, 5), torch.tensor([4, 2, 3])
+    priors = [0.1, 0.3, 5.0]
+    mean, covs = post.glm(model.modules_(), lambda: model(xt, lt), priors)
+    assert covs.shape == (3, 3, 3, 3)
+    for d, cov in zip(priors, covs):
+        post.prior_precision = d
+        m1, c1 = post.glm(model.modules_(), lambda: model(xt, lt))
+        close(cov, c1)
+        torch.testing.assert_close(mean, m1)
+
+
 def _random_factor(d, m, seed, rest):
     g = torch.Generator().manual_seed(seed)
     Q, _ = torch.linalg.qr(randn(d, d, generator=g))
@@ -183,6 +197,10 @@ def test_block_covariance_with_low_rank_factors_matches_the_dense_inverse(m_out,
     Sigma = torch.linalg.inv(post.precision_matrix("W"))
     Jf = J.reshape(5, 3, -1)
     close(cov, Jf @ Sigma @ Jf.transpose(1, 2))
+    cov2 = post.block_covariance("W", J, 2.5)  # another prior, given per call
+    post.prior_precision = 2.5
+    close(cov2, Jf @ torch.linalg.inv(post.precision_matrix("W")) @ Jf.transpose(1, 2))
+    post.prior_precision = 0.7
     # and the evidence's spectrum is the dense matrix's (log det included)
     lam, c, s2 = post.spectrum()
     assert c.sum() == 24
@@ -413,6 +431,30 @@ def test_lora_laplace_tunes_the_prior_by_the_post_hoc_evidence(laplace_run):
     assert 0 <= info["theta_sq_determined"] <= info["theta_sq_norm"]
 
 
+def test_lora_laplace_prior_chosen_on_validation_data(laplace_run):
+    """prior_method="val": the grid value with the lowest validation NLL, which the predictive then has."""
+    import lmtune
+    from lmtune.data import open_data
+    from lmtune.metrics import nll
+
+    est, d = laplace_run
+    val = open_data(str(d / "test.jsonl"))
+    tuned = lmtune.LoraClassifier(est.lm, est.task, rank=4, alpha=8, epochs=2, lr=1e-2, bayes="laplace",
+                                  prior_method="val", predictive="probit", progress=False, cache=False,
+                                  batch_size=8).fit(d / "train.jsonl", val=val)
+    info = tuned.posterior_info_
+    vt = info["validation_tuning"]
+    assert info["prior_method"] == "validation NLL" and vt["n_val"] == 12
+    assert info["evidence_prior_precision"] in vt["candidates"] and len(vt["candidates"]) >= 25
+    best = int(np.argmin(vt["val_nll"]))
+    assert vt["chosen"] == vt["candidates"][best] == tuned.posterior_.prior_precision == info["prior_precision"]
+    y = np.array([{"negative": 0, "positive": 1}[r["label"]] for r in val.records])
+    for k in (best, 0, len(vt["candidates"]) - 1):  # the recorded NLLs are the predictive's
+        tuned.posterior_.prior_precision = vt["candidates"][k]
+        assert nll(y, tuned.predict_proba(val)) == pytest.approx(vt["val_nll"][k], rel=1e-6)
+    assert len(set(np.round(vt["val_nll"], 9))) > 1  # the prior does change the predictive
+
+
 def test_lora_laplace_jacobians_from_hooks_equal_autograd_and_batching_does_not_matter(laplace_run):
     from lmtune.laplace import _lora_batches, lora_grad_pass
 
@@ -481,7 +523,9 @@ def test_bayes_options_are_checked_before_training(tiny_lm):
     for kwargs, msg in (({"bayes": "exact"}, "bayes must be one of laplace, svgd"),
                         ({"bayes": "laplace", "dora": True}, "not with dora"),
                         ({"bayes": "laplace", "predictive": "sampled"}, "predictive must be mc or probit"),
-                        ({"bayes": "laplace", "prior_precision": -1.0}, "prior_precision must be")):
+                        ({"bayes": "laplace", "prior_precision": -1.0}, "prior_precision must be"),
+                        ({"bayes": "laplace", "prior_method": "cv"}, "prior_method must be evidence or val"),
+                        ({"bayes": "laplace", "prior_method": "val"}, "give it \\(--val\\)")):
         with pytest.raises(LmtuneError, match=msg):
             lmtune.LoraClassifier(tiny_lm, task, **kwargs).fit("builtin:reviews:train")
 

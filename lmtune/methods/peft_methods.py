@@ -204,8 +204,12 @@ class LoraClassifier(PeftClassifier):
     particles : int
         Adapters trained together by SVGD (bayes=svgd).
     prior_precision : float or None
-        Precision of the Gaussian prior on every LoRA parameter. None: Laplace maximises the marginal
-        likelihood over it; SVGD uses 1.
+        Precision of the Gaussian prior on every LoRA parameter. None: Laplace chooses it by prior_method;
+        SVGD uses 1.
+    prior_method : str
+        Laplace: how the prior precision is chosen when not given: evidence (maximise the marginal
+        likelihood on the training data) or val (lowest validation NLL of the predictive on a grid; needs
+        validation data). The evidence can collapse the posterior onto the MAP (lmtune.laplace).
     svgd_temperature : float
         SVGD: the likelihood is raised to the power 1/svgd_temperature (below 1: a cold posterior).
     predictive : str
@@ -225,12 +229,12 @@ class LoraClassifier(PeftClassifier):
     default_lr = 1e-2
     bayes_modes = ("laplace", "svgd")
     options = ("rank", "alpha", "dropout", "target", "layers", "init", "dora", "particles", "prior_precision",
-               "svgd_temperature", "predictive", "mc_samples", "kfac_rank")
+               "prior_method", "svgd_temperature", "predictive", "mc_samples", "kfac_rank")
 
     def __init__(self, model=DEFAULT_MODEL, task=None, *, rank: int = 8, alpha: float = 16, dropout: float = 0.05,
                  target: str = "q_proj,v_proj", layers=None, init: str = "default", dora: bool = False,
                  bayes: str | None = None, particles: int = 4, prior_precision: float | None = None,
-                 svgd_temperature: float = 1.0, predictive: str = "mc", mc_samples: int = 1000, kfac_rank: int = 128,
+                 prior_method: str = "evidence", svgd_temperature: float = 1.0, predictive: str = "mc", mc_samples: int = 1000, kfac_rank: int = 128,
                  **kwargs):
         super().__init__(model, task, **kwargs)
         self.rank = rank
@@ -243,6 +247,7 @@ class LoraClassifier(PeftClassifier):
         self.bayes = bayes
         self.particles = particles
         self.prior_precision = prior_precision
+        self.prior_method = prior_method
         self.svgd_temperature = svgd_temperature
         self.predictive = predictive
         self.mc_samples = mc_samples
@@ -287,13 +292,15 @@ class LoraClassifier(PeftClassifier):
         from lmtune.laplace import fit_lora_laplace
 
         self._check_bayes()
+        if self.bayes == "laplace" and self.prior_method == "val" and self.prior_precision is None and val is None:
+            raise LmtuneError("prior_method='val' chooses the Laplace prior on validation data: give it (--val)")
         ds = as_dataset(data)
         self._kept_lower = None
         self._keep_lower = self.bayes == "laplace"
         try:
             super().fit(ds, val=val)
             if self.bayes == "laplace":
-                self.posterior_, self.posterior_info_ = fit_lora_laplace(self, ds)
+                self.posterior_, self.posterior_info_ = fit_lora_laplace(self, ds, val)
             else:
                 from lmtune.svgd import svgd_info
 
@@ -413,7 +420,7 @@ class LoraClassifier(PeftClassifier):
     def _check_bayes(self) -> None:
         """The posterior options, checked before any work."""
         from lmtune.instruct import GenerationTask
-        from lmtune.laplace import PREDICTIVES
+        from lmtune.laplace import PREDICTIVES, PRIOR_METHODS
 
         if self.bayes is None:
             return
@@ -426,6 +433,7 @@ class LoraClassifier(PeftClassifier):
         checks = [("particles", isinstance(self.particles, int) and self.particles >= 1, "an integer >= 1"),
                   ("prior_precision", self.prior_precision is None or self.prior_precision > 0,
                    "a positive number or None"),
+                  ("prior_method", self.prior_method in PRIOR_METHODS, " or ".join(PRIOR_METHODS)),
                   ("svgd_temperature", self.svgd_temperature > 0, "a positive number"),
                   ("predictive", self.predictive in PREDICTIVES, " or ".join(PREDICTIVES)),
                   ("mc_samples", isinstance(self.mc_samples, int) and self.mc_samples >= 1, "an integer >= 1"),
