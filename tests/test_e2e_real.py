@@ -130,24 +130,32 @@ def test_laplace_on_the_real_lora_lowers_ece_and_nll_at_the_same_accuracy(laplac
     """KFAC Laplace on the trained adapter (issue 4): better calibrated, same answers within noise.
 
     MAP predictions (the same estimator with ``bayes=None``) against the linearised predictive of the same
-    adapter, so the comparison isolates the posterior.
+    adapter, so the comparison isolates the posterior. The prior precision is chosen on the half of the
+    training split the adapter did not see (``prior_method="val"``, applied after the fit): the evidence
+    alone can collapse the posterior onto the MAP on this adapter (it did with 2 threads, not with 1: see
+    :func:`lmtune.laplace.tune_prior_on_validation`), so with it the test asserts only "no worse than MAP".
     """
     import copy
 
     from lmtune.calibration import TemperatureScaled
+    from lmtune.laplace import tune_prior_on_validation
 
+    train = lmtune.open_data("builtin:reviews:train")
+    other_half = lmtune.Dataset(train.records[1::2], train.lines[1::2], train.path)  # not trained on
+    test = lmtune.open_data("builtin:reviews:test")
     map_view = copy.copy(laplace_run)
     map_view.bayes = None
-    test = lmtune.open_data("builtin:reviews:test")
     m_map = lmtune.evaluate(map_view, test)["metrics"]
+    # the regime the fixture's docstring claims: the MAP is overconfident (temperature scaling softens it)
+    assert TemperatureScaled(map_view).fit(other_half).temperature_ > 1.5
+    info = laplace_run.posterior_info_
+    assert info["prior_precision_tuned"] and np.isfinite(info["log_marginal_likelihood"])
+    m_evidence = lmtune.evaluate(laplace_run, test)["metrics"]
+    assert m_evidence["nll"] <= m_map["nll"] + 1e-6, (m_map, m_evidence)
+
+    tuning = tune_prior_on_validation(laplace_run, other_half)
     m_la = lmtune.evaluate(laplace_run, test)["metrics"]
     noise = 2 * np.sqrt(m_map["accuracy"] * (1 - m_map["accuracy"]) / len(test))  # two binomial standard errors
     assert abs(m_la["accuracy"] - m_map["accuracy"]) <= noise, (m_map, m_la)
-    assert m_la["nll"] < m_map["nll"], (m_map, m_la)
-    assert m_la["ece"] < m_map["ece"], (m_map, m_la)
-    info = laplace_run.posterior_info_
-    assert info["prior_precision_tuned"] and np.isfinite(info["log_marginal_likelihood"])
-    # the regime the fixture's docstring claims: the MAP is overconfident (temperature scaling softens it)
-    train = lmtune.open_data("builtin:reviews:train")
-    other_half = lmtune.Dataset(train.records[1::2], train.lines[1::2], train.path)  # not trained on
-    assert TemperatureScaled(map_view).fit(other_half).temperature_ > 1.5
+    assert m_la["nll"] < m_map["nll"], (m_map, m_la, tuning["chosen"])
+    assert m_la["ece"] < m_map["ece"], (m_map, m_la, tuning["chosen"])

@@ -417,9 +417,15 @@ def test_lora_laplace_tunes_the_prior_by_the_post_hoc_evidence(laplace_run):
     import lmtune
 
     est, d = laplace_run
-    tuned = lmtune.LoraClassifier(est.lm, est.task, rank=4, alpha=8, epochs=2, lr=1e-2, bayes="laplace",
-                                  progress=False, cache=False, batch_size=8).fit(d / "train.jsonl")
+    import warnings
+
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        tuned = lmtune.LoraClassifier(est.lm, est.task, rank=4, alpha=8, epochs=2, lr=1e-2, bayes="laplace",
+                                      progress=False, cache=False, batch_size=8).fit(d / "train.jsonl")
     info, post = tuned.posterior_info_, tuned.posterior_
+    # a posterior collapsed onto the MAP is said out loud, and only then
+    assert any("collapsed onto the MAP" in str(w.message) for w in caught) == post.prior_at_bound
     assert info["prior_precision_tuned"] and info["evidence"] == "post-hoc"
     assert info["prior_precision"] == post.prior_precision
     at = post.log_marginal_likelihood()

@@ -301,6 +301,13 @@ class LoraClassifier(PeftClassifier):
             super().fit(ds, val=val)
             if self.bayes == "laplace":
                 self.posterior_, self.posterior_info_ = fit_lora_laplace(self, ds, val)
+                if self.posterior_info_["prior_at_bound"] and self.posterior_info_["prior_method"].startswith("evid"):
+                    import warnings
+
+                    warnings.warn(f"the Laplace evidence rose to its bound (prior precision "
+                                  f"{self.posterior_.prior_precision:.3g}): the posterior collapsed onto the MAP "
+                                  "and predicts like it; prior_method='val' (--prior-method val --val FILE) "
+                                  "chooses the prior on validation data", stacklevel=2)
             else:
                 from lmtune.svgd import svgd_info
 
