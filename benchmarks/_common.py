@@ -104,6 +104,29 @@ def emit(result: dict) -> None:
     sys.stdout.flush()
 
 
+def save(result: dict, path) -> None:
+    """Write ``result`` as JSON to ``path`` atomically (a temporary file beside it, then a rename), readable
+    by all: an interrupted run never leaves half a result. Records the end load average, as :func:`emit`."""
+    import os
+    import tempfile
+    from pathlib import Path
+
+    result.setdefault("environment", {})["loadavg_end"] = loadavg()
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.")
+    try:
+        with os.fdopen(fd, "w") as f:
+            json.dump(result, f, indent=2, default=_default)
+            f.write("\n")
+        os.chmod(tmp, 0o644)  # mkstemp makes it private
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+    log(f"wrote {path}")
+
+
 def _default(o):
     try:
         import numpy as np

@@ -40,16 +40,14 @@ import argparse
 import copy
 import json
 import math
-import os
 import sys
-import tempfile
 import time
 from pathlib import Path
 
 import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _common import REPO, add_wait_idle, emit, log, start  # noqa: E402
+from _common import REPO, add_wait_idle, emit, log, save, start  # noqa: E402
 
 DEFAULT_OUT = REPO / "benchmarks" / "results" / "calibration.json"
 GOAL_ECE_RATIO = 0.5
@@ -193,22 +191,8 @@ def main() -> None:
                         "n_val": len(val_ds), "n_test": len(test), "lora": lora_cfg, "particles": args.particles,
                         "val_share": args.val_share, "seed": args.seed},
               "rows": rows, "laplace_cost": laplace_cost, "svgd": svgd, "goals": goals}
-    write_atomic(Path(args.out), json.dumps(result, indent=2, default=str) + "\n")
+    save(result, args.out)
     emit(result)
-
-
-def write_atomic(path: Path, text: str) -> None:
-    """Temp file beside ``path``, then rename: an interrupted run never leaves half a result."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.")
-    try:
-        with os.fdopen(fd, "w") as f:
-            f.write(text)
-        os.chmod(tmp, 0o644)  # mkstemp makes it private; a result file is for everyone to read
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
 
 
 if __name__ == "__main__":

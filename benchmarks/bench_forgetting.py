@@ -30,7 +30,7 @@ import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _common import REPO, add_wait_idle, emit, log, start  # noqa: E402
+from _common import REPO, add_wait_idle, emit, log, save, start  # noqa: E402
 
 HELD = [{"name": "held-text", "type": "lm", "data": "builtin:heldtext"}]
 RUNS = {
@@ -88,12 +88,7 @@ def main() -> None:
            "question": "does full fine-tuning change the held-text loss more than LoRA?", "answer": answer,
            "environment": env}
     emit(out)
-    path = Path(args.out)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text(json.dumps(out, indent=2, default=str) + "\n")
-    tmp.replace(path)
-    log(f"wrote {path}")
+    save(out, args.out)
 
 
 if __name__ == "__main__":

@@ -29,13 +29,12 @@ Usage: .venv/bin/python benchmarks/bench_generation.py [--quick] [--rounds N] [-
 from __future__ import annotations
 
 import argparse
-import json
 import sys
 import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _common import REPO, add_wait_idle, emit, loadavg, log, start  # noqa: E402
+from _common import REPO, add_wait_idle, emit, loadavg, log, save, start  # noqa: E402
 
 MODEL = "smollm2-135m"
 GOAL_SPEEDUP = 3.0
@@ -260,13 +259,8 @@ def main() -> None:
                          and main_side["outputs_vs_peer"]["differing_not_near_tie"] == 0)
     result["environment"] = env
     emit(result)
-    out = Path(args.out)
     if not args.quick:
-        out.parent.mkdir(parents=True, exist_ok=True)
-        tmp = out.with_name(f".{out.name}.tmp")
-        tmp.write_text(json.dumps(result, indent=2, default=str) + "\n")
-        tmp.replace(out)
-        log(f"wrote {out}")
+        save(result, args.out)
 
 
 if __name__ == "__main__":

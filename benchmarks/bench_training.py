@@ -83,7 +83,7 @@ import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _common import REPO, add_wait_idle, emit, log, loadavg, start  # noqa: E402
+from _common import REPO, add_wait_idle, emit, log, loadavg, save, start  # noqa: E402
 
 GOAL_SPEED = 2.0
 GOAL_MEMORY = 0.5
@@ -644,18 +644,6 @@ def compare(sides: dict, ours: str, peer: str, key: str) -> dict | None:
                                        / b["raw"]["flop_step"]["flops_per_padded_token"])}
 
 
-def write_atomic(path: Path, text: str) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.")
-    try:
-        with os.fdopen(fd, "w") as f:
-            f.write(text)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-
-
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--quick", action="store_true", help="smoke run: 4 classification steps, 3 LM steps")
@@ -764,7 +752,7 @@ def main() -> None:
     out = args.out or (None if args.quick else str(DEFAULT_OUT))
     if out:
         result["environment"]["loadavg_end"] = loadavg()
-        write_atomic(Path(out), json.dumps(result, indent=2, default=str) + "\n")
+        save(result, out)
         log(f"written to {out}")
 
 
