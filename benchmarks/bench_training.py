@@ -751,9 +751,7 @@ def main() -> None:
     emit(result)
     out = args.out or (None if args.quick else str(DEFAULT_OUT))
     if out:
-        result["environment"]["loadavg_end"] = loadavg()
         save(result, out)
-        log(f"written to {out}")
 
 
 if __name__ == "__main__":

@@ -467,8 +467,7 @@ class KFACPosterior:
 
     def block_covariance(self, name: str, J: torch.Tensor, prior_precision: float | None = None) -> torch.Tensor:
         """``J Sigma_W J'`` (B, K, K) for Jacobians ``J`` (B, K, out, in) of block ``name``."""
-        d = self._delta(prior_precision)
-        return sum(torch.einsum("bkij,blij->bkl", M / (lam + d), M) for M, lam in self._projections(name, J))
+        return _covariance(self._projections(name, J), self._delta(prior_precision))
 
     def _projections(self, name: str, J: torch.Tensor) -> list[tuple[torch.Tensor, torch.Tensor]]:
         """``J`` in the block's eigenbasis: pairs ``(M, lam)`` with ``J Sigma J' = sum einsum(M / (lam + delta), M)``.
@@ -515,9 +514,9 @@ class KFACPosterior:
         for name in self.blocks:
             a, g = cap.inputs[name], grads[name]
             J = torch.einsum("kbto,bti->bkoi", g.double(), a.double())  # padding has g = 0
-            for M, lam in self._projections(name, J):
-                for i, d in enumerate(ds):
-                    cov[i] += torch.einsum("bkij,blij->bkl", M / (lam + d), M)
+            projections = self._projections(name, J)
+            for i, d in enumerate(ds):
+                cov[i] += _covariance(projections, d)
         return logits.detach().double(), (cov[0] if prior_precisions is None else cov)
 
     # -- files ----------------------------------------------------------------------------------------
@@ -559,6 +558,11 @@ class KFACPosterior:
                            prior_precision=float(meta["prior_precision"]))
             except (KeyError, SafetensorError) as e:
                 raise LmtuneError(f"{path}: not a Laplace posterior file (missing {e})") from None
+
+
+def _covariance(projections: list[tuple[torch.Tensor, torch.Tensor]], delta: float) -> torch.Tensor:
+    """``J Sigma J'`` (B, K, K) from a block's :meth:`KFACPosterior._projections` at prior precision ``delta``."""
+    return sum(torch.einsum("bkij,blij->bkl", M / (lam + delta), M) for M, lam in projections)
 
 
 EVIDENCE_FORMS = ("post-hoc", "mode")
@@ -753,6 +757,31 @@ def fit_lora_laplace(est, ds, val=None) -> tuple[KFACPosterior, dict]:
     return post, info
 
 
+def _glm_batches(est, data, labeled: bool, prior_precisions: Iterable[float] | None = None):
+    """The encoded records of ``data`` and an iterator of ``(rows, mean, cov)`` over their length-sorted batches:
+    the MAP logits and linearised covariance(s) of :meth:`KFACPosterior.glm`, the frozen lower layers run
+    once per chunk of ``PREDICT_CHUNK`` records."""
+    from lmtune.methods.base import as_dataset
+
+    lm = est.lm
+    task = est._check_task()
+    label_ids = torch.tensor(task.label_token_ids(lm.tokenizer), device=lm.device)
+    enc = task.encode(lm.tokenizer, as_dataset(data), labeled=labeled)
+    seqs = enc.input_ids
+
+    def batches():
+        with lora_grad_pass(est) as modules:
+            start = est._frozen_below(lm)
+            for c in range(0, len(seqs), PREDICT_CHUNK):
+                part = seqs[c:c + PREDICT_CHUNK]
+                lower = est._lower_cache(lm, part, start)
+                for idx, fwd, _ in _lora_batches(est, part, label_ids, lower, start):
+                    mean, cov = est.posterior_.glm(modules, fwd, prior_precisions)
+                    yield [c + i for i in idx], mean, cov
+
+    return enc, batches()
+
+
 VAL_PRIOR_GRID = tuple(float(x) for x in np.logspace(-1, 5, 25))  # 0.1 to 1e5, four points a decade
 
 
@@ -772,34 +801,21 @@ def tune_prior_on_validation(est, val, grid: Iterable[float] = VAL_PRIOR_GRID) -
 
     One Jacobian pass over ``val`` serves every candidate (:meth:`KFACPosterior.glm` with several priors).
     """
-    from lmtune.methods.base import as_dataset
-
     post = est.posterior_
-    ds = as_dataset(val)
     cands = sorted({*(float(d) for d in grid), float(post.prior_precision)})
-    lm = est.lm
-    task = est._check_task()
-    label_ids = torch.tensor(task.label_token_ids(lm.tokenizer), device=lm.device)
-    enc = task.encode(lm.tokenizer, ds, labeled=True)
-    seqs, y = enc.input_ids, torch.as_tensor(enc.y)
-    nll = torch.zeros(len(cands), dtype=torch.float64)
     t0 = time.perf_counter()
-    with lora_grad_pass(est) as modules:
-        start = est._frozen_below(lm)
-        for c in range(0, len(seqs), PREDICT_CHUNK):
-            part = seqs[c:c + PREDICT_CHUNK]
-            lower = est._lower_cache(lm, part, start)
-            for idx, fwd, _ in _lora_batches(est, part, label_ids, lower, start):
-                mean, covs = post.glm(modules, fwd, cands)
-                yb = y[[c + i for i in idx]]
-                for k in range(len(cands)):
-                    p = predictive_probs(mean, covs[k], est.predictive, est.mc_samples, est.seed).cpu()
-                    nll[k] -= torch.log(p[torch.arange(len(idx)), yb].clamp_min(1e-300)).sum()
-    nll /= max(1, len(seqs))
+    enc, batches = _glm_batches(est, val, labeled=True, prior_precisions=cands)
+    y = torch.as_tensor(enc.y)
+    nll = torch.zeros(len(cands), dtype=torch.float64)
+    for rows, mean, covs in batches:
+        for k in range(len(cands)):
+            p = predictive_probs(mean, covs[k], est.predictive, est.mc_samples, est.seed).cpu()
+            nll[k] -= torch.log(p[torch.arange(len(rows)), y[rows]].clamp_min(1e-300)).sum()
+    nll /= max(1, len(enc.input_ids))
     best = int(torch.argmin(nll))
     post.prior_precision = cands[best]
     post.prior_at_bound = best in (0, len(cands) - 1)
-    return {"n_val": len(seqs), "candidates": cands, "val_nll": nll.tolist(), "chosen": cands[best],
+    return {"n_val": len(enc.input_ids), "candidates": cands, "val_nll": nll.tolist(), "chosen": cands[best],
             "seconds": time.perf_counter() - t0}
 
 
@@ -813,27 +829,16 @@ def predict_lora_laplace(est, data, labeled: bool = False, base: bool = False):
     from lmtune.methods.base import as_dataset
 
     ds = as_dataset(data)
-    lm = est.lm
-    task = est._check_task()
-    label_ids = torch.tensor(task.label_token_ids(lm.tokenizer), device=lm.device)
-    enc = task.encode(lm.tokenizer, ds, labeled=labeled)
-    seqs = enc.input_ids
-    N, K = len(seqs), len(label_ids)
+    t0 = time.perf_counter()
+    enc, batches = _glm_batches(est, ds, labeled=labeled)
+    N, K = len(enc.input_ids), est.task.n_classes
     probs, std = np.empty((N, K)), np.empty(N)
     C = torch.eye(K, dtype=torch.float64) - 1.0 / K  # centring
-    t0 = time.perf_counter()
-    with lora_grad_pass(est) as modules:
-        start = est._frozen_below(lm)
-        for c in range(0, N, PREDICT_CHUNK):
-            part = seqs[c:c + PREDICT_CHUNK]
-            lower = est._lower_cache(lm, part, start)
-            for idx, fwd, _ in _lora_batches(est, part, label_ids, lower, start):
-                mean, cov = est.posterior_.glm(modules, fwd)
-                p = predictive_probs(mean, cov, est.predictive, est.mc_samples, est.seed)
-                rows = [c + i for i in idx]
-                probs[rows] = p.cpu().numpy()
-                centred = C.to(cov.device) @ cov @ C.to(cov.device)
-                std[rows] = torch.diagonal(centred, dim1=1, dim2=2).mean(1).clamp_min(0).sqrt().cpu().numpy()
+    for rows, mean, cov in batches:
+        p = predictive_probs(mean, cov, est.predictive, est.mc_samples, est.seed)
+        probs[rows] = p.cpu().numpy()
+        centred = C.to(cov.device) @ cov @ C.to(cov.device)
+        std[rows] = torch.diagonal(centred, dim1=1, dim2=2).mean(1).clamp_min(0).sqrt().cpu().numpy()
     est.last_predict_seconds_ = time.perf_counter() - t0
     est.last_uncertainty_ = {"entropy": _entropy(probs), "logit_std": std}
     base_logits = None

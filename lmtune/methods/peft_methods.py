@@ -234,8 +234,8 @@ class LoraClassifier(PeftClassifier):
     def __init__(self, model=DEFAULT_MODEL, task=None, *, rank: int = 8, alpha: float = 16, dropout: float = 0.05,
                  target: str = "q_proj,v_proj", layers=None, init: str = "default", dora: bool = False,
                  bayes: str | None = None, particles: int = 4, prior_precision: float | None = None,
-                 prior_method: str = "evidence", svgd_temperature: float = 1.0, predictive: str = "mc", mc_samples: int = 1000, kfac_rank: int = 128,
-                 **kwargs):
+                 prior_method: str = "evidence", svgd_temperature: float = 1.0, predictive: str = "mc",
+                 mc_samples: int = 1000, kfac_rank: int = 128, **kwargs):
         super().__init__(model, task, **kwargs)
         self.rank = rank
         self.alpha = alpha
@@ -301,7 +301,7 @@ class LoraClassifier(PeftClassifier):
             super().fit(ds, val=val)
             if self.bayes == "laplace":
                 self.posterior_, self.posterior_info_ = fit_lora_laplace(self, ds, val)
-                if self.posterior_info_["prior_at_bound"] and self.posterior_info_["prior_method"].startswith("evid"):
+                if self.posterior_info_["prior_at_bound"] and self.posterior_info_["validation_tuning"] is None:
                     import warnings
 
                     warnings.warn(f"the Laplace evidence rose to its bound (prior precision "
