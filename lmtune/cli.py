@@ -86,7 +86,8 @@ def _run_args(p: argparse.ArgumentParser,
 TRAINING_OPTIONS = ("epochs", "lr", "grad_accum", "weight_decay", "warmup", "schedule", "clip", "patience", "val",
                     "val_metric", "seed", "max_steps", "gradient_checkpointing", "checkpoint_dir", "resume", "pack")
 CHOICES = {"schedule": ["cosine", "linear", "constant"], "val_metric": ["nll", "accuracy"],
-           "init": ["default", "gaussian", "pissa"], "placement": ["both", "mlp"], "predictive": ["mc", "probit"]}
+           "init": ["default", "gaussian", "pissa"], "placement": ["both", "mlp"], "predictive": ["mc", "probit"],
+           "prior_method": ["evidence", "val"]}
 
 
 BAYES_MODES = ["laplace", "svgd", "exact"]
