@@ -695,7 +695,8 @@ def _lora_batches(est, seqs, label_ids, lower, start):
         idx = order[b:b + bs]
         batch = [seqs[i] for i in idx]
         low = [lower[i] for i in idx] if lower is not None else None
-        fwd = functools.partial(est._forward, est.lm, batch, label_ids, low, start)
+        # every row in full: the KFAC factors need each example's own activations and gradients
+        fwd = functools.partial(est._forward, est.lm, batch, label_ids, low, start, share_prefix=False)
         yield idx, fwd, torch.tensor([len(s) for s in batch])
 
 

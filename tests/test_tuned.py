@@ -117,7 +117,9 @@ def test_reusing_frozen_lower_layers_is_exact(tiny_lm, review_task, small):
     train, test = small
     for method, kw in (("lora", {"layers": 1}), ("last-layers", {"layers": 1}), ("adapter", {"layers": "1"})):
         a = fitted(tiny_lm, review_task, train, method, lr=1e-2, epochs=2, **kw)
-        b = fitted(tiny_lm, review_task, train, method, lr=1e-2, epochs=2, reuse_lower=False, **kw)
+        # the plain path for comparison (a shared prefix would draw LoRA's dropout masks in other shapes)
+        b = fitted(tiny_lm, review_task, train, method, lr=1e-2, epochs=2, reuse_lower=False, share_prefix=False,
+                   **kw)
         assert a.fit_info_["reused_lower_layers"] == 1 and b.fit_info_["reused_lower_layers"] == 0
         np.testing.assert_allclose(a.label_logits(test)[0], b.label_logits(test)[0], atol=1e-4)
 
@@ -204,7 +206,7 @@ def test_frozen_lower_layers_with_a_shared_prompt_prefix_are_exact(tiny_lm, smal
             assert h.shape == direct.shape
             torch.testing.assert_close(h.to(direct.device), direct, atol=1e-5, rtol=1e-5)  # the cache is kept on the CPU
     a = fitted(tiny_lm, task, train, "lora", layers=1, lr=1e-2, epochs=2)
-    b = fitted(tiny_lm, task, train, "lora", layers=1, lr=1e-2, epochs=2, reuse_lower=False)
+    b = fitted(tiny_lm, task, train, "lora", layers=1, lr=1e-2, epochs=2, reuse_lower=False, share_prefix=False)
     np.testing.assert_allclose(a.label_logits(test)[0], b.label_logits(test)[0], atol=1e-4)
 
 
@@ -214,3 +216,36 @@ def test_gradient_checkpointing_gives_the_same_training(tiny_lm, review_task, sm
     b = fitted(tiny_lm, review_task, train, "lora", lr=1e-2, epochs=2, dropout=0.0, gradient_checkpointing=True)
     np.testing.assert_allclose(a.label_logits(test)[0], b.label_logits(test)[0], atol=1e-5)
     assert not getattr(tiny_lm.model, "is_activation_checkpointing", False)  # switched off again
+
+
+@pytest.mark.parametrize("method, kw", [("lora", {"dropout": 0.0}), ("prompt-tuning", {"virtual_tokens": 3}),
+                                        ("adapter", {}), ("full", {})])
+def test_shared_prompt_prefix_is_exact_in_value_and_gradient(tiny_lm, small, method, kw):
+    from lmtune.features import common_prefix_length
+    from lmtune.tasks import ClassificationTask
+
+    task = ClassificationTask("Read the product review below and judge its sentiment carefully.\n"
+                              "Review: {text}\nIs this review positive? Answer yes or no.",
+                              {"negative": "no", "positive": "yes"})
+    est = fitted(tiny_lm, task, small[0], method, lr=1e-2, max_steps=2, **kw)  # trained: B is no longer zero
+    seqs = task.encode(tiny_lm.tokenizer, small[0]).input_ids[:6]
+    assert common_prefix_length(seqs) >= 10
+    label_ids = torch.tensor(task.label_token_ids(tiny_lm.tokenizer))
+    results = []
+    with est.attached(train=True) as params:
+        tiny_lm.model.train()
+        try:
+            for share in (True, False):
+                for p in params.values():
+                    p.grad = None
+                logits = est._forward(tiny_lm, seqs, label_ids, share_prefix=share)
+                (logits * torch.arange(1.0, 1.0 + logits.numel()).view_as(logits)).sum().backward()
+                results.append((logits.detach(), {n: p.grad.clone() for n, p in params.items()}))
+        finally:
+            tiny_lm.model.eval()
+    (shared, g_shared), (full, g_full) = results
+    torch.testing.assert_close(shared, full, atol=1e-5, rtol=1e-5)
+    assert g_shared.keys() == g_full.keys() and g_full
+    for name in g_full:
+        torch.testing.assert_close(g_shared[name], g_full[name], atol=1e-5, rtol=1e-4, msg=name)
+    assert any(g.abs().sum() > 0 for g in g_full.values())

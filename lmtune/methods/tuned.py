@@ -24,6 +24,15 @@ Design
   states do not depend on anything being trained. It is done by running the backbone with its layer list
   cut (:func:`layer_range`), so the model's own mask and rotary code stay in charge; it is used only for
   model types whose backbone passes ``inputs_embeds`` through unchanged (no embedding scaling).
+* **The prompt prefix runs once per batch.** Every prompt of a task begins with the same tokens (the chat
+  template's system turn, the instruction before ``{text}``): about 40% of the tokens of the built-in
+  task. :meth:`TunedClassifier._forward` runs the batch's common token prefix (and prompt tuning's
+  virtual tokens) as a batch of one, with gradients, and broadcasts its keys and values over the batch
+  (``expand``: a view whose backward sums the rows' gradients). Exact in value and gradient, since the
+  prefix's activations are the same in every row; with dropout on, the rows share the prefix's
+  dropout mask. It saves the backbone's compute and stored activations for ``(B - 1) * P`` tokens per
+  batch. Off under gradient checkpointing (transformers drops the cache of checkpointed layers) and for
+  the Laplace factors, which need every example's own activations.
 * Batches are grouped by length and right-padded; the logits are read at each row's last real token.
 """
 
@@ -129,6 +138,9 @@ class TunedClassifier(LabelTokenClassifier):
         Continue from the checkpoint in checkpoint_dir when there is one.
     reuse_lower : bool
         Compute the frozen lower layers' activations once instead of every epoch (exact; uses memory).
+    share_prefix : bool
+        Run each batch's common prompt prefix once, with gradients, and broadcast its keys/values
+        (exact in value and gradient; see the module docstring). Off under gradient checkpointing.
     pack : bool
         Generation tasks: put several short records in one row, each attending only to itself.
     progress : bool or None
@@ -146,7 +158,8 @@ class TunedClassifier(LabelTokenClassifier):
                  schedule: str = "cosine", clip: float | None = 1.0, patience: int | None = None, val=None,
                  val_metric: str = "nll", seed: int = 0, max_steps: int | None = None,
                  gradient_checkpointing: bool = False, checkpoint_dir: str | None = None, resume: bool = False,
-                 reuse_lower: bool = True, pack: bool = False, progress: bool | None = None, cache: bool = True):
+                 reuse_lower: bool = True, share_prefix: bool = True, pack: bool = False,
+                 progress: bool | None = None, cache: bool = True):
         super().__init__(model, task, batch_size=batch_size, progress=progress, cache=cache)
         self.epochs = epochs
         self.lr = lr
@@ -164,7 +177,9 @@ class TunedClassifier(LabelTokenClassifier):
         self.checkpoint_dir = checkpoint_dir
         self.resume = resume
         self.reuse_lower = reuse_lower
+        self.share_prefix = share_prefix
         self.pack = pack
+        self._checkpointing_on = False
 
     # -- what a subclass provides ---------------------------------------------------------------------
 
@@ -205,13 +220,25 @@ class TunedClassifier(LabelTokenClassifier):
     # -- forward --------------------------------------------------------------------------------------
 
     def _forward(self, lm: LM, seqs: list[list[int]], label_ids: torch.Tensor,
-                 lower: list[torch.Tensor] | None = None, start: int = 0) -> torch.Tensor:
-        """(B, K) label logits for token sequences; from cached layer-``start`` inputs when ``lower``."""
+                 lower: list[torch.Tensor] | None = None, start: int = 0,
+                 share_prefix: bool | None = None) -> torch.Tensor:
+        """(B, K) label logits for token sequences; from cached layer-``start`` inputs when ``lower``.
+
+        With ``share_prefix`` (default: the estimator's option) the batch's common token prefix, and
+        prompt tuning's virtual tokens, run once as a batch of one and their keys/values are broadcast
+        over the batch (see the class docstring); ``False`` runs every row in full, which per-example
+        quantities need (the Laplace factors)."""
         device = lm.device
         bb = backbone_of(lm)
         pad = lm.tokenizer.pad_token_id if lm.tokenizer.pad_token_id is not None else 0
-        ids, mask, lengths = pad_batch(seqs, pad, device)
         B = len(seqs)
+        share = self.share_prefix if share_prefix is None else share_prefix
+        share = share and not (lm.model.training and self._checkpointing_on)
+        P = 0
+        if share and lower is None and B > 1:
+            P = common_prefix_length(seqs)
+            P = P if P >= MIN_SHARED_PREFIX else 0
+        ids, mask, lengths = pad_batch([s[P:] for s in seqs] if P else seqs, pad, device)
         if lower is not None:
             T = ids.shape[1]
             emb = torch.zeros((B, T, lower[0].shape[-1]), dtype=lower[0].dtype, device=device)
@@ -220,14 +247,27 @@ class TunedClassifier(LabelTokenClassifier):
             with layer_range(lm, start) as top:
                 h = top(inputs_embeds=emb, attention_mask=mask, use_cache=False).last_hidden_state
         else:
-            emb = bb.get_input_embeddings()(ids)
-            prefix = self._virtual_prefix(B)
-            if prefix is not None:
-                P = prefix.shape[1]
-                emb = torch.cat([prefix.to(emb.dtype), emb], dim=1)
-                mask = torch.cat([torch.ones((B, P), dtype=mask.dtype, device=device), mask], dim=1)
-                lengths = lengths + P
-            h = bb(inputs_embeds=emb, attention_mask=mask, use_cache=False).last_hidden_state
+            embed = bb.get_input_embeddings()
+            emb = embed(ids)
+            head = [v.to(emb.dtype) for v in [self._virtual_prefix(1)] if v is not None]
+            if P:
+                head.append(embed(torch.tensor([seqs[0][:P]], device=device)))
+            head = torch.cat(head, dim=1) if head else None
+            H = head.shape[1] if head is not None else 0
+            mask = torch.cat([torch.ones((B, H), dtype=mask.dtype, device=device), mask], dim=1)
+            if H and share:
+                cache = DynamicCache(config=bb.config)
+                bb(inputs_embeds=head, past_key_values=cache, use_cache=True)
+                kv = [(layer.keys, layer.values) for layer in cache.layers]
+                T = ids.shape[1]
+                h = bb(inputs_embeds=emb, attention_mask=mask, past_key_values=_batch_cache(bb, kv, B),
+                       position_ids=(H + torch.arange(T, device=device)).expand(B, -1),
+                       use_cache=True).last_hidden_state
+            else:
+                if H:
+                    emb = torch.cat([head.expand(B, -1, -1), emb], dim=1)
+                    lengths = lengths + H
+                h = bb(inputs_embeds=emb, attention_mask=mask, use_cache=False).last_hidden_state
         z = h[torch.arange(B, device=device), lengths - 1]
         A = lm.model.get_output_embeddings()
         logits = z @ A.weight[label_ids].T
@@ -416,6 +456,8 @@ class TunedClassifier(LabelTokenClassifier):
             lower_seconds = time.perf_counter() - t0
             if self.gradient_checkpointing and lower is None:
                 _checkpointing(lm.model, True)
+            # transformers drops the KV cache of checkpointed layers, so no shared prefix in training then
+            self._checkpointing_on = bool(getattr(lm.model, "is_activation_checkpointing", False))
             lm.model.train()
 
             def loss_fn(indices):
@@ -428,6 +470,7 @@ class TunedClassifier(LabelTokenClassifier):
                                after_update=self._after_update)
             finally:
                 lm.model.train(was_training)
+                self._checkpointing_on = False
                 if self.gradient_checkpointing and not gc_was:
                     _checkpointing(lm.model, False)
             extras = obj.extras() if obj.extras is not None else {}
