@@ -392,7 +392,7 @@ def train(params: dict[str, torch.nn.Parameter], loss_fn: Callable[[list[int]], 
           n_examples: int, config: TrainConfig, *, lengths: Sequence[int] | None = None,
           val_fn: Callable[[], float] | None = None, resume: bool = False, progress: bool | None = None,
           desc: str = "train", on_step: Callable[[int], None] | None = None,
-          after_update: Callable[[int], None] | None = None) -> TrainResult:
+          after_update: Callable[[int, float], None] | None = None) -> TrainResult:
     """Train ``params`` with AdamW on ``loss_fn`` over examples ``0 .. n_examples - 1``.
 
     Parameters
@@ -422,9 +422,10 @@ def train(params: dict[str, torch.nn.Parameter], loss_fn: Callable[[list[int]], 
         ``on_step(step)`` after every optimizer step (1-based count of steps done), after any checkpoint
         written at that step.
     after_update : callable, optional
-        ``after_update(step)`` right after the optimizer update, while the step's gradients are still
-        there (AdaLoRA's rank allocator scores parameters by ``|p * grad|``). Whatever it changes must be
-        deterministic, as it is not replayed on resume.
+        ``after_update(step, lr)`` right after the optimizer update, with the step's learning rate, while
+        the step's gradients are still there (AdaLoRA's rank allocator scores parameters by
+        ``|p * grad|``; SVGD applies its prior there). Whatever it changes must be deterministic, as it is
+        not replayed on resume.
 
     Returns
     -------
@@ -566,7 +567,7 @@ def _step(batch: list[int], loss_fn, plist, opt, config: TrainConfig, st: _Progr
         group["lr"] = st.lr
     opt.step()
     if after_update is not None:  # sees the step's (all-reduced) gradients, as AdaLoRA's allocator needs
-        after_update(st.step + 1)
+        after_update(st.step + 1, st.lr)
     opt.zero_grad(set_to_none=True)
     st.ep_loss += loss_sum_global
     st.ep_examples += len(batch)

@@ -120,6 +120,23 @@ def test_surrogate_loss_gradient_is_minus_phi_over_n_and_its_value_the_mean_loss
     assert float(loss.detach()) == pytest.approx(np.mean(values))
 
 
+def test_prior_step_is_the_priors_part_of_the_svgd_direction_at_gradient_scale():
+    model, ps = _particles(3)
+    X = torch.stack([ps.flat(i).detach().clone() for i in range(3)])
+    lr, delta, N = 0.1, 2.0, 10
+    phi, h = svgd_direction(X, -delta * X)  # the prior's score alone, kernel at the same bandwidth
+    repulse, _ = svgd_direction(X, torch.zeros_like(X), h)
+    ps.last_bandwidth = h
+    ps.prior_step(lr, delta, N)
+    after = torch.stack([ps.flat(i).detach() for i in range(3)])
+    torch.testing.assert_close(after, X + lr / N * (phi - repulse))
+    # one particle: AdamW-style decoupled decay by lr * delta / N
+    model, one = _particles(1)
+    w = model.lin.weight.detach().clone()
+    one.prior_step(lr, delta, N)
+    torch.testing.assert_close(model.lin.weight.detach(), w * (1 - lr * delta / N))
+
+
 # ----------------------------------------------------------------------------------------------------
 # LoraClassifier(bayes="svgd") on the tiny Llama.
 
@@ -211,6 +228,21 @@ def test_one_particle_svgd_trains_the_same_adapter_as_plain_lora(tiny_lm, data_d
         torch.testing.assert_close(a[k], b[k], rtol=1e-4, atol=1e-6)
     test = data_dir / "test.jsonl"
     np.testing.assert_allclose(svgd.predict_proba(test), plain.predict_proba(test), atol=1e-5)
+
+
+def test_one_particle_svgd_prior_is_adamw_weight_decay(tiny_lm, data_dir):
+    from safetensors.torch import load_file
+
+    # the prior, applied decoupled at the step's positions, is AdamW's weight decay delta / N on one particle
+    N, delta = 24, 12.0
+    plain = _lora(tiny_lm, max_steps=4, weight_decay=delta / N).fit(data_dir / "train.jsonl")
+    svgd = _lora(tiny_lm, max_steps=4, bayes="svgd", particles=1, prior_precision=delta).fit(data_dir / "train.jsonl")
+    undecayed = _lora(tiny_lm, max_steps=4).fit(data_dir / "train.jsonl")
+    a, b, c = (load_file(str(d / "adapter_model.safetensors"))
+               for d in (plain.adapter_dir_, svgd.particle_dirs_[0], undecayed.adapter_dir_))
+    for k in a:
+        torch.testing.assert_close(b[k], a[k], rtol=1e-5, atol=1e-7)
+    assert max(float((a[k] - c[k]).abs().max()) for k in a) > 1e-4  # the decay is visible
 
 
 def test_svgd_uncertainty_in_predict_rows(svgd_run, data_dir):

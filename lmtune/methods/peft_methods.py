@@ -205,7 +205,7 @@ class LoraClassifier(PeftClassifier):
         Adapters trained together by SVGD (bayes=svgd).
     prior_precision : float or None
         Precision of the Gaussian prior on every LoRA parameter. None: Laplace chooses it by prior_method;
-        SVGD uses 1.
+        SVGD uses 1, applied decoupled from AdamW (lmtune.svgd).
     prior_method : str
         Laplace: how the prior precision is chosen when not given: evidence (maximise the marginal
         likelihood on the training data) or val (lowest validation NLL of the predictive on a grid; needs
@@ -343,6 +343,12 @@ class LoraClassifier(PeftClassifier):
 
             svgd_objective(self, obj)
         return obj
+
+    def _after_update(self, step: int, lr: float) -> None:
+        if getattr(self, "_particles", None) is not None:
+            from lmtune.svgd import svgd_prior_step
+
+            svgd_prior_step(self, lr)
 
     def _logits_of(self, lm: LM, seqs, label_ids):
         ps = getattr(self, "_particles", None)
@@ -529,7 +535,7 @@ class AdaLoraClassifier(PeftClassifier):
                 count += 1
         return self.orth_reg * reg / max(count, 1) * n
 
-    def _after_update(self, step: int) -> None:
+    def _after_update(self, step: int, lr: float) -> None:
         if self._pm is not None:
             self._pm.base_model.update_and_allocate(step)
 

@@ -516,7 +516,7 @@ class TunedClassifier(LabelTokenClassifier):
         """Extra loss per optimizer step, scaled by the micro-batch's share ``n`` (AdaLoRA's orthogonality)."""
         return 0.0
 
-    def _after_update(self, step: int) -> None:
+    def _after_update(self, step: int, lr: float) -> None:
         """Called after every optimizer update, gradients still present (AdaLoRA's rank allocation)."""
 
     # -- predicting -----------------------------------------------------------------------------------
