@@ -100,6 +100,27 @@ def _batch_cache(backbone, kv, batch: int):
                         config=backbone.config)
 
 
+def continue_shared_head(backbone, head: torch.Tensor, embeds: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """Final hidden states (B, T, d) of B right-padded rows ``embeds`` (B, T, d), ``mask`` (B, T), that all
+    continue the same ``head`` (1, H, d) of input embeddings.
+
+    The head runs once, as a batch of one; its keys and values are broadcast over the rows (``expand``,
+    so under autograd its backward sums the rows' gradients) and the rows run with positions ``H ..``.
+    Exact in value and gradient: causal attention makes the head's activations the same in every row.
+    """
+    from transformers import DynamicCache
+
+    B, T = mask.shape
+    H = head.shape[1]
+    cache = DynamicCache(config=backbone.config)
+    backbone(inputs_embeds=head, past_key_values=cache, use_cache=True)
+    kv = [(layer.keys, layer.values) for layer in cache.layers]
+    full_mask = torch.cat([torch.ones((B, H), dtype=mask.dtype, device=mask.device), mask], dim=1)
+    return backbone(inputs_embeds=embeds, attention_mask=full_mask, past_key_values=_batch_cache(backbone, kv, B),
+                    position_ids=(H + torch.arange(T, device=mask.device)).expand(B, -1),
+                    use_cache=True).last_hidden_state
+
+
 @torch.inference_mode()
 def extract(lm: LM, input_ids: list[list[int]], label_token_ids: list[int], *, batch_size: int = 16,
             share_prefix: bool = True, progress: bool | None = None, desc: str = "features",

@@ -121,7 +121,8 @@ def per_item_losses(hidden: torch.Tensor, head: torch.nn.Module, lay: Layout, id
 
 def completion_losses(lm, ids: list[list[int]], targets: list[list[bool]], *, pack: bool = False,
                       lower: list[torch.Tensor] | None = None, start: int = 0,
-                      prefix: Callable[[int], torch.Tensor | None] | None = None) -> torch.Tensor:
+                      prefix: Callable[[int], torch.Tensor | None] | None = None,
+                      share_prefix: bool = False) -> torch.Tensor:
     """(B,) mean NLL of each sequence's target tokens under ``lm`` as it is (adapters attached or not).
 
     Parameters
@@ -134,11 +135,24 @@ def completion_losses(lm, ids: list[list[int]], targets: list[list[bool]], *, pa
         Cached hidden states entering layer ``start`` for each sequence: only layers ``start..`` run.
     prefix : callable, optional
         ``prefix(rows)`` -> (rows, P, d) virtual-token embeddings to prepend, or None.
+    share_prefix : bool
+        Unpacked rows without ``lower``: run the sequences' common token prefix (up to the first position
+        that predicts a target) and the virtual tokens once, broadcasting their keys and values
+        (:func:`lmtune.features.continue_shared_head`; exact in value and gradient).
     """
+    from lmtune.features import MIN_SHARED_PREFIX, common_prefix_length, continue_shared_head
     from lmtune.methods.tuned import backbone_of, layer_range
 
     device = lm.device
     bb = backbone_of(lm)
+    full_ids = ids
+    P = 0
+    if share_prefix and not pack and lower is None and len(ids) > 1:
+        # the common prefix, ending before the first position that predicts a target
+        first = min(next((j for j in range(1, len(t)) if t[j]), len(t)) for t in targets)
+        P = min(common_prefix_length(ids), first - 1)
+        P = P if P >= MIN_SHARED_PREFIX else 0
+        ids = [s[P:] for s in ids]
     lengths = [len(s) for s in ids]
     lay, _ = layout(lengths, pack)
     pad = lm.tokenizer.pad_token_id if lm.tokenizer.pad_token_id is not None else 0
@@ -159,21 +173,30 @@ def completion_losses(lm, ids: list[list[int]], targets: list[list[bool]], *, pa
         with layer_range(lm, start) as top:
             h = top(inputs_embeds=emb, use_cache=False, **kwargs).last_hidden_state
     else:
-        emb = bb.get_input_embeddings()(tokens)
-        virtual = prefix(lay.n_rows) if prefix is not None else None
-        if virtual is not None:
-            if pack:
-                raise ValueError("packing cannot be combined with virtual tokens")
-            shift = virtual.shape[1]
-            emb = torch.cat([virtual.to(emb.dtype), emb], dim=1)
-            kwargs["attention_mask"] = torch.cat(
-                [torch.ones((lay.n_rows, shift), dtype=mask.dtype, device=device), mask], dim=1)
-        h = bb(inputs_embeds=emb, use_cache=False, **kwargs).last_hidden_state
-    return per_item_losses(h, lm.model.get_output_embeddings(), lay, ids, targets, shift)
+        embed = bb.get_input_embeddings()
+        emb = embed(tokens)
+        virtual = prefix(1 if share_prefix else lay.n_rows) if prefix is not None else None
+        if virtual is not None and pack:
+            raise ValueError("packing cannot be combined with virtual tokens")
+        head = [virtual.to(emb.dtype)] if virtual is not None else []
+        if P:
+            head.append(embed(torch.tensor([full_ids[0][:P]], device=device)))
+        if head and share_prefix:
+            h = continue_shared_head(bb, torch.cat(head, dim=1), emb, mask)
+            shift = -P  # h covers the suffixes only
+        else:
+            if virtual is not None:
+                shift = virtual.shape[1]
+                emb = torch.cat([virtual.to(emb.dtype), emb], dim=1)
+                kwargs["attention_mask"] = torch.cat(
+                    [torch.ones((lay.n_rows, shift), dtype=mask.dtype, device=device), mask], dim=1)
+            h = bb(inputs_embeds=emb, use_cache=False, **kwargs).last_hidden_state
+    return per_item_losses(h, lm.model.get_output_embeddings(), lay, full_ids, targets, shift)
 
 
 def sequence_losses(lm, seqs, *, batch_size: int = 8,
-                    prefix: Callable[[int], torch.Tensor | None] | None = None) -> np.ndarray:
+                    prefix: Callable[[int], torch.Tensor | None] | None = None,
+                    share_prefix: bool = False) -> np.ndarray:
     """Per-sequence mean target NLL (eval mode, no gradient), batched longest first."""
     out = np.empty(len(seqs))
     order = sorted(range(len(seqs)), key=lambda i: len(seqs[i].ids), reverse=True)
@@ -184,7 +207,7 @@ def sequence_losses(lm, seqs, *, batch_size: int = 8,
             for b in range(0, len(order), batch_size):
                 idx = order[b:b + batch_size]
                 out[idx] = completion_losses(lm, [seqs[i].ids for i in idx], [seqs[i].targets for i in idx],
-                                             prefix=prefix).cpu().numpy()
+                                             prefix=prefix, share_prefix=share_prefix).cpu().numpy()
     finally:
         lm.model.train(was_training)
     return out

@@ -213,3 +213,37 @@ def test_cli_fit_generate(tiny_model_dir, tmp_path, capsys):
 def test_end_tokens(tiny_lm):
     tok = tiny_lm.tokenizer
     assert end_token_ids(tok) == {tok.eos_token_id, tok.convert_tokens_to_ids("<|end|>")}
+
+
+@pytest.mark.parametrize("method, kw", [("lora", {"dropout": 0.0}), ("prompt-tuning", {"virtual_tokens": 3})])
+def test_shared_prefix_completion_losses_are_exact_in_value_and_gradient(tiny_lm, method, kw):
+    from lmtune.features import common_prefix_length
+    from lmtune.lm_loss import completion_losses
+
+    # same prompt, answers that share their first words: the shared part must stop before the first target
+    recs = [{"prompt": "is this review positive or negative", "completion": c}
+            for c in ("yes it is", "yes it is not", "yes no", "yes maybe")]
+    task = GenerationTask()
+    seqs = task.encode(tiny_lm.tokenizer, Dataset.from_records(recs))
+    ids, targets = [s.ids for s in seqs], [s.targets for s in seqs]
+    first = min(t.index(True) for t in targets)
+    assert common_prefix_length(ids) > first >= 5  # the common prefix runs into the answers
+    est = lmtune.methods.METHODS[method](tiny_lm, task, epochs=1, max_steps=2, batch_size=4, lr=1e-2, progress=False,
+                                         **kw).fit(Dataset.from_records(recs))
+    results = []
+    with est.attached(train=True) as params:
+        tiny_lm.model.train()
+        try:
+            for share in (True, False):
+                for p in params.values():
+                    p.grad = None
+                losses = completion_losses(tiny_lm, ids, targets, prefix=est._virtual_prefix, share_prefix=share)
+                (losses * torch.arange(1.0, 1.0 + len(ids))).sum().backward()
+                results.append((losses.detach(), {n: p.grad.clone() for n, p in params.items()}))
+        finally:
+            tiny_lm.model.eval()
+    (shared, g_shared), (full, g_full) = results
+    torch.testing.assert_close(shared, full, atol=1e-5, rtol=1e-5)
+    for name in g_full:
+        torch.testing.assert_close(g_shared[name], g_full[name], atol=1e-5, rtol=1e-4, msg=name)
+    assert any(g.abs().sum() > 0 for g in g_full.values())

@@ -48,7 +48,7 @@ import torch
 from transformers import DynamicCache
 
 from lmtune.errors import LmtuneError
-from lmtune.features import MIN_SHARED_PREFIX, _batch_cache, common_prefix_length, extract
+from lmtune.features import MIN_SHARED_PREFIX, _batch_cache, common_prefix_length, continue_shared_head, extract
 from lmtune.metrics import classification_report
 from lmtune.methods.base import LabelTokenClassifier, as_dataset, softmax
 from lmtune.models import DEFAULT_MODEL, LM
@@ -226,7 +226,7 @@ class TunedClassifier(LabelTokenClassifier):
 
         With ``share_prefix`` (default: the estimator's option) the batch's common token prefix, and
         prompt tuning's virtual tokens, run once as a batch of one and their keys/values are broadcast
-        over the batch (see the class docstring); ``False`` runs every row in full, which per-example
+        over the batch (see the module docstring); ``False`` runs every row in full, which per-example
         quantities need (the Laplace factors)."""
         device = lm.device
         bb = backbone_of(lm)
@@ -249,23 +249,18 @@ class TunedClassifier(LabelTokenClassifier):
         else:
             embed = bb.get_input_embeddings()
             emb = embed(ids)
-            head = [v.to(emb.dtype) for v in [self._virtual_prefix(1)] if v is not None]
+            virtual = self._virtual_prefix(1)
+            head = [virtual.to(emb.dtype)] if virtual is not None else []
             if P:
                 head.append(embed(torch.tensor([seqs[0][:P]], device=device)))
             head = torch.cat(head, dim=1) if head else None
-            H = head.shape[1] if head is not None else 0
-            mask = torch.cat([torch.ones((B, H), dtype=mask.dtype, device=device), mask], dim=1)
-            if H and share:
-                cache = DynamicCache(config=bb.config)
-                bb(inputs_embeds=head, past_key_values=cache, use_cache=True)
-                kv = [(layer.keys, layer.values) for layer in cache.layers]
-                T = ids.shape[1]
-                h = bb(inputs_embeds=emb, attention_mask=mask, past_key_values=_batch_cache(bb, kv, B),
-                       position_ids=(H + torch.arange(T, device=device)).expand(B, -1),
-                       use_cache=True).last_hidden_state
+            if head is not None and share:
+                h = continue_shared_head(bb, head, emb, mask)
             else:
-                if H:
+                if head is not None:
+                    H = head.shape[1]
                     emb = torch.cat([head.expand(B, -1, -1), emb], dim=1)
+                    mask = torch.cat([torch.ones((B, H), dtype=mask.dtype, device=device), mask], dim=1)
                     lengths = lengths + H
                 h = bb(inputs_embeds=emb, attention_mask=mask, use_cache=False).last_hidden_state
         z = h[torch.arange(B, device=device), lengths - 1]
@@ -495,13 +490,15 @@ class TunedClassifier(LabelTokenClassifier):
         """(B,) mean NLL of each sequence's target tokens, with this method's virtual tokens if any."""
         from lmtune.lm_loss import completion_losses
 
+        share = self.share_prefix and not (lm.model.training and self._checkpointing_on)
         return completion_losses(lm, ids, targets, pack=bool(self.pack), lower=lower, start=start,
-                                 prefix=self._virtual_prefix)
+                                 prefix=self._virtual_prefix, share_prefix=share)
 
     def _sequence_losses(self, lm: LM, seqs) -> np.ndarray:
         from lmtune.lm_loss import sequence_losses
 
-        return sequence_losses(lm, seqs, batch_size=max(self.batch_size, 8), prefix=self._virtual_prefix)
+        return sequence_losses(lm, seqs, batch_size=max(self.batch_size, 8), prefix=self._virtual_prefix,
+                               share_prefix=self.share_prefix)
 
     def completion_nll(self, data) -> dict:
         """Mean completion NLL of ``data`` under the adapted model, overall and per task."""
