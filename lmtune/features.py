@@ -24,6 +24,7 @@ Memory stays O(batch) in N: with the cache on, ``Z`` and ``L`` are written strai
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import json
 import os
@@ -107,18 +108,54 @@ def continue_shared_head(backbone, head: torch.Tensor, embeds: torch.Tensor, mas
     The head runs once, as a batch of one; its keys and values are broadcast over the rows (``expand``,
     so under autograd its backward sums the rows' gradients) and the rows run with positions ``H ..``.
     Exact in value and gradient: causal attention makes the head's activations the same in every row.
+
+    Works under transformers' activation checkpointing: the head runs unchecked (its cache must be
+    filled; as a batch of one its activations are small), and the rows read the head's keys through a
+    cache that stores nothing (:func:`_head_cache_class`), so a checkpointed layer may keep it: its
+    recomputation reads the same keys again.
     """
     from transformers import DynamicCache
 
     B, T = mask.shape
     H = head.shape[1]
+    layers = list(getattr(backbone, "layers", []))
+    checkpointed = [layer for layer in layers if getattr(layer, "gradient_checkpointing", False)]
     cache = DynamicCache(config=backbone.config)
-    backbone(inputs_embeds=head, past_key_values=cache, use_cache=True)
-    kv = [(layer.keys, layer.values) for layer in cache.layers]
+    for layer in checkpointed:
+        layer.gradient_checkpointing = False
+    try:
+        backbone(inputs_embeds=head, past_key_values=cache, use_cache=True)
+    finally:
+        for layer in checkpointed:
+            layer.gradient_checkpointing = True
+    kv = [(layer.keys.expand(B, -1, -1, -1), layer.values.expand(B, -1, -1, -1)) for layer in cache.layers]
     full_mask = torch.cat([torch.ones((B, H), dtype=mask.dtype, device=mask.device), mask], dim=1)
-    return backbone(inputs_embeds=embeds, attention_mask=full_mask, past_key_values=_batch_cache(backbone, kv, B),
-                    position_ids=(H + torch.arange(T, device=mask.device)).expand(B, -1),
-                    use_cache=True).last_hidden_state
+    for layer in checkpointed:
+        layer._can_checkpoint_with_cache = True  # read-only cache: see the docstring
+    try:
+        return backbone(inputs_embeds=embeds, attention_mask=full_mask,
+                        past_key_values=_head_cache_class()(ddp_cache_data=kv, config=backbone.config),
+                        position_ids=(H + torch.arange(T, device=mask.device)).expand(B, -1),
+                        use_cache=True).last_hidden_state
+    finally:
+        for layer in checkpointed:
+            del layer._can_checkpoint_with_cache
+
+
+@functools.lru_cache(maxsize=None)
+def _head_cache_class():
+    """The class of :func:`continue_shared_head`'s cache (defined on first use: transformers loads lazily)."""
+    from transformers import DynamicCache
+
+    class HeadCache(DynamicCache):
+        """A cache holding a shared head's keys/values that returns ``head ++ new`` and stores nothing,
+        so the same forward can run twice (activation checkpointing's recomputation)."""
+
+        def update(self, key_states, value_states, layer_idx, *args, **kwargs):
+            layer = self.layers[layer_idx]
+            return (torch.cat([layer.keys, key_states], dim=-2), torch.cat([layer.values, value_states], dim=-2))
+
+    return HeadCache
 
 
 @torch.inference_mode()

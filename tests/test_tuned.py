@@ -249,3 +249,64 @@ def test_shared_prompt_prefix_is_exact_in_value_and_gradient(tiny_lm, small, met
     for name in g_full:
         torch.testing.assert_close(g_shared[name], g_full[name], atol=1e-5, rtol=1e-4, msg=name)
     assert any(g.abs().sum() > 0 for g in g_full.values())
+
+
+def test_fast_dropout_has_dropouts_distribution_and_gradient():
+    from lmtune.methods.peft_methods import FastDropout
+
+    torch.manual_seed(0)
+    x = torch.randn(200, 500, dtype=torch.float64, requires_grad=True)
+    d = FastDropout(0.2).train()
+    y = d(x)
+    kept = y != 0
+    assert abs(kept.double().mean().item() - 0.8) < 0.005  # 100,000 draws: 4 standard errors
+    torch.testing.assert_close(y[kept], x[kept] / 0.8)
+    y.backward(torch.ones_like(y))
+    torch.testing.assert_close(x.grad, kept.double() / 0.8)
+    assert d.eval()(x) is x and FastDropout(0.0).train()(x) is x
+
+
+def test_lora_trains_with_fast_dropout_on_the_cpu_and_leaves_none_behind(tiny_lm, review_task, small):
+    from lmtune.methods.peft_methods import FastDropout
+
+    if tiny_lm.device.type != "cpu":
+        pytest.skip("the swap is CPU-only")
+    est = METHODS["lora"](tiny_lm, review_task, epochs=1, progress=False, cache=False, dropout=0.1)
+    seen = []
+    est._after_update = lambda step, lr: seen.append(
+        sum(isinstance(m, FastDropout) for m in tiny_lm.model.modules()))
+    est.fit(small[0])
+    assert seen and all(n > 0 for n in seen)  # q_proj and v_proj of every layer
+    assert not any(isinstance(m, FastDropout) for m in tiny_lm.model.modules())
+
+
+def test_shared_prompt_prefix_under_activation_checkpointing_is_exact(tiny_lm, small):
+    from lmtune.methods.tuned import _checkpointing
+    from lmtune.tasks import ClassificationTask
+
+    task = ClassificationTask("Read the product review below and judge its sentiment carefully.\n"
+                              "Review: {text}\nIs this review positive? Answer yes or no.",
+                              {"negative": "no", "positive": "yes"})
+    est = fitted(tiny_lm, task, small[0], "lora", lr=1e-2, max_steps=2, dropout=0.0)
+    seqs = task.encode(tiny_lm.tokenizer, small[0]).input_ids[:6]
+    label_ids = torch.tensor(task.label_token_ids(tiny_lm.tokenizer))
+    results = []
+    with est.attached(train=True) as params:
+        tiny_lm.model.train()
+        try:
+            for share, checkpoint in ((False, False), (True, True)):
+                _checkpointing(tiny_lm.model, checkpoint)
+                for p in params.values():
+                    p.grad = None
+                logits = est._forward(tiny_lm, seqs, label_ids, share_prefix=share)
+                (logits * torch.arange(1.0, 1.0 + logits.numel()).view_as(logits)).sum().backward()
+                results.append((logits.detach(), {n: p.grad.clone() for n, p in params.items()}))
+        finally:
+            _checkpointing(tiny_lm.model, False)
+            tiny_lm.model.eval()
+    (plain, g_plain), (shared, g_shared) = results
+    torch.testing.assert_close(shared, plain, atol=1e-5, rtol=1e-5)
+    for name in g_plain:
+        torch.testing.assert_close(g_shared[name], g_plain[name], atol=1e-5, rtol=1e-4, msg=name)
+    assert not any(hasattr(layer, "_can_checkpoint_with_cache") and "_can_checkpoint_with_cache" in vars(layer)
+                   for layer in tiny_lm.model.model.layers)

@@ -21,6 +21,12 @@ Departures from PEFT's defaults, and why:
   schedule (``tinit``, ``tfinal``, ``total_step``) comes from the real number of optimizer steps.
 * **Prompt tuning** is initialised from the embeddings of a text (tiled to the number of virtual tokens)
   by lmtune, since PEFT's text initialisation loads a tokenizer by hub name.
+* **LoRA dropout on the CPU** (:class:`FastDropout`): torch's CPU dropout draws its mask with
+  ``bernoulli_``, which took 10% of a LoRA training step of the default model (3.2 ms for a 8 x 76 x 576
+  input against 1.4 ms for ``rand >= p``, 2 threads). While training on the CPU, lmtune swaps PEFT's
+  ``nn.Dropout`` modules for one that draws ``rand >= p`` from the same generator and keeps a boolean
+  mask for the backward pass: the same distribution (each element kept with probability ``1 - p``,
+  scaled by ``1 / (1 - p)``), not the same draws. CUDA keeps torch's fused kernel.
 """
 
 from __future__ import annotations
@@ -62,6 +68,48 @@ def parse_layers(spec, total: int) -> list[int] | None:
     if bad or not out:
         raise LmtuneError(f"layers: {spec!r} names layers outside 0..{total - 1}")
     return sorted(set(out))
+
+
+class _KeepMask(torch.autograd.Function):
+    """``x * keep * scale``; the backward needs only the boolean ``keep``."""
+
+    @staticmethod
+    def forward(ctx, x, keep, scale):
+        ctx.save_for_backward(keep)
+        ctx.scale = scale
+        return x * keep * scale
+
+    @staticmethod
+    def backward(ctx, grad):
+        (keep,) = ctx.saved_tensors
+        return grad * keep * ctx.scale, None, None
+
+
+class FastDropout(torch.nn.Dropout):
+    """Inverted dropout whose mask is ``rand >= p`` (float32 uniforms from torch's generator): the
+    distribution of ``nn.Dropout`` at less than half its cost on the CPU (see the module docstring)."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if not self.training or self.p == 0:
+            return x
+        if self.p >= 1:
+            return torch.zeros_like(x)
+        keep = torch.rand(x.shape, device=x.device, dtype=torch.float32) >= self.p
+        return _KeepMask.apply(x, keep, 1.0 / (1.0 - self.p))
+
+
+def use_fast_dropout(model: torch.nn.Module) -> int:
+    """Swap every plain ``nn.Dropout`` inside ``model``'s LoRA dropout dicts for :class:`FastDropout`;
+    returns how many were swapped."""
+    n = 0
+    for module in model.modules():
+        drops = getattr(module, "lora_dropout", None)
+        if isinstance(drops, torch.nn.ModuleDict):
+            for key, d in list(drops.items()):
+                if type(d) is torch.nn.Dropout:
+                    drops[key] = FastDropout(d.p)
+                    n += 1
+    return n
 
 
 @contextlib.contextmanager
@@ -125,6 +173,8 @@ class PeftClassifier(TunedClassifier):
                 backup = self._backup_targets(lm, cfg)
             pm = get_peft_model(lm.model, cfg)
             self._prepare(pm, lm)
+            if lm.device.type == "cpu":
+                use_fast_dropout(pm)
             if backup is not None:
                 self._init_dir = _private_dir(self)
                 pm.peft_config["default"].init_lora_weights = True  # reloading must not redo the SVD

@@ -31,7 +31,7 @@ Design
   (``expand``: a view whose backward sums the rows' gradients). Exact in value and gradient, since the
   prefix's activations are the same in every row; with dropout on, the rows share the prefix's
   dropout mask. It saves the backbone's compute and stored activations for ``(B - 1) * P`` tokens per
-  batch. Off under gradient checkpointing (transformers drops the cache of checkpointed layers) and for
+  batch, also under activation checkpointing (:func:`lmtune.features.continue_shared_head`). Off for
   the Laplace factors, which need every example's own activations.
 * Batches are grouped by length and right-padded; the logits are read at each row's last real token.
 """
@@ -140,7 +140,7 @@ class TunedClassifier(LabelTokenClassifier):
         Compute the frozen lower layers' activations once instead of every epoch (exact; uses memory).
     share_prefix : bool
         Run each batch's common prompt prefix once, with gradients, and broadcast its keys/values
-        (exact in value and gradient; see the module docstring). Off under gradient checkpointing.
+        (exact in value and gradient; see the module docstring).
     pack : bool
         Generation tasks: put several short records in one row, each attending only to itself.
     progress : bool or None
@@ -179,7 +179,6 @@ class TunedClassifier(LabelTokenClassifier):
         self.reuse_lower = reuse_lower
         self.share_prefix = share_prefix
         self.pack = pack
-        self._checkpointing_on = False
 
     # -- what a subclass provides ---------------------------------------------------------------------
 
@@ -233,7 +232,6 @@ class TunedClassifier(LabelTokenClassifier):
         pad = lm.tokenizer.pad_token_id if lm.tokenizer.pad_token_id is not None else 0
         B = len(seqs)
         share = self.share_prefix if share_prefix is None else share_prefix
-        share = share and not (lm.model.training and self._checkpointing_on)
         P = 0
         if share and lower is None and B > 1:
             P = common_prefix_length(seqs)
@@ -451,8 +449,6 @@ class TunedClassifier(LabelTokenClassifier):
             lower_seconds = time.perf_counter() - t0
             if self.gradient_checkpointing and lower is None:
                 _checkpointing(lm.model, True)
-            # transformers drops the KV cache of checkpointed layers, so no shared prefix in training then
-            self._checkpointing_on = bool(getattr(lm.model, "is_activation_checkpointing", False))
             lm.model.train()
 
             def loss_fn(indices):
@@ -465,7 +461,6 @@ class TunedClassifier(LabelTokenClassifier):
                                after_update=self._after_update)
             finally:
                 lm.model.train(was_training)
-                self._checkpointing_on = False
                 if self.gradient_checkpointing and not gc_was:
                     _checkpointing(lm.model, False)
             extras = obj.extras() if obj.extras is not None else {}
@@ -490,9 +485,8 @@ class TunedClassifier(LabelTokenClassifier):
         """(B,) mean NLL of each sequence's target tokens, with this method's virtual tokens if any."""
         from lmtune.lm_loss import completion_losses
 
-        share = self.share_prefix and not (lm.model.training and self._checkpointing_on)
         return completion_losses(lm, ids, targets, pack=bool(self.pack), lower=lower, start=start,
-                                 prefix=self._virtual_prefix, share_prefix=share)
+                                 prefix=self._virtual_prefix, share_prefix=self.share_prefix)
 
     def _sequence_losses(self, lm: LM, seqs) -> np.ndarray:
         from lmtune.lm_loss import sequence_losses
