@@ -128,7 +128,13 @@ def continue_shared_head(backbone, head: torch.Tensor, embeds: torch.Tensor, mas
     finally:
         for layer in checkpointed:
             layer.gradient_checkpointing = True
-    kv = [(layer.keys.expand(B, -1, -1, -1), layer.values.expand(B, -1, -1, -1)) for layer in cache.layers]
+    ran = [layer for layer in cache.layers if getattr(layer, "is_initialized", True)]
+    # A backbone cut to its top layers (lmtune.methods.tuned.layer_range) leaves the others' entries empty:
+    # zero placeholders of the head's length (never read) keep the cache's length and the mask right.
+    blank = torch.zeros_like(ran[0].keys)
+    kv = [(layer.keys, layer.values) if getattr(layer, "is_initialized", True) else (blank, blank)
+          for layer in cache.layers]
+    kv = [(k.expand(B, -1, -1, -1), v.expand(B, -1, -1, -1)) for k, v in kv]
     full_mask = torch.cat([torch.ones((B, H), dtype=mask.dtype, device=mask.device), mask], dim=1)
     for layer in checkpointed:
         layer._can_checkpoint_with_cache = True  # read-only cache: see the docstring

@@ -77,12 +77,12 @@ class _KeepMask(torch.autograd.Function):
     def forward(ctx, x, keep, scale):
         ctx.save_for_backward(keep)
         ctx.scale = scale
-        return x * keep * scale
+        return x.mul(keep).mul_(scale)
 
     @staticmethod
     def backward(ctx, grad):
         (keep,) = ctx.saved_tensors
-        return grad * keep * ctx.scale, None, None
+        return grad.mul(keep).mul_(ctx.scale), None, None
 
 
 class FastDropout(torch.nn.Dropout):
@@ -94,7 +94,9 @@ class FastDropout(torch.nn.Dropout):
             return x
         if self.p >= 1:
             return torch.zeros_like(x)
-        keep = torch.rand(x.shape, device=x.device, dtype=torch.float32) >= self.p
+        draw = torch.rand(x.shape, device=x.device, dtype=torch.float32)
+        keep = draw >= self.p
+        del draw
         return _KeepMask.apply(x, keep, 1.0 / (1.0 - self.p))
 
 

@@ -233,7 +233,7 @@ class TunedClassifier(LabelTokenClassifier):
         B = len(seqs)
         share = self.share_prefix if share_prefix is None else share_prefix
         P = 0
-        if share and lower is None and B > 1:
+        if share and B > 1:
             P = common_prefix_length(seqs)
             P = P if P >= MIN_SHARED_PREFIX else 0
         ids, mask, lengths = pad_batch([s[P:] for s in seqs] if P else seqs, pad, device)
@@ -241,9 +241,12 @@ class TunedClassifier(LabelTokenClassifier):
             T = ids.shape[1]
             emb = torch.zeros((B, T, lower[0].shape[-1]), dtype=lower[0].dtype, device=device)
             for r, h in enumerate(lower):
-                emb[r, :h.shape[0]] = h.to(device)
+                emb[r, :h.shape[0] - P] = h[P:].to(device)
             with layer_range(lm, start) as top:
-                h = top(inputs_embeds=emb, attention_mask=mask, use_cache=False).last_hidden_state
+                if P:  # the rows' states at the common prefix are the same: row 0's serve as the head
+                    h = continue_shared_head(top, lower[0][:P].to(device)[None], emb, mask)
+                else:
+                    h = top(inputs_embeds=emb, attention_mask=mask, use_cache=False).last_hidden_state
         else:
             embed = bb.get_input_embeddings()
             emb = embed(ids)
