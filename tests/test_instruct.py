@@ -14,6 +14,8 @@ from lmtune.instruct import GenerationTask, end_token_ids
 from lmtune.lm_loss import layout, pack_rows, per_item_losses, position_ids
 from lmtune.mixture import parse_mixture
 
+from _exactness import assert_same_values_and_gradients
+
 RECORDS = [
     {"instruction": "is this review positive", "input": "the text was great", "output": "yes", "task": "a"},
     {"instruction": "is this review positive", "output": "no maybe", "task": "b"},
@@ -230,20 +232,7 @@ def test_shared_prefix_completion_losses_are_exact_in_value_and_gradient(tiny_lm
     assert common_prefix_length(ids) > first >= 5  # the common prefix runs into the answers
     est = lmtune.methods.METHODS[method](tiny_lm, task, epochs=1, max_steps=2, batch_size=4, lr=1e-2, progress=False,
                                          **kw).fit(Dataset.from_records(recs))
-    results = []
-    with est.attached(train=True) as params:
-        tiny_lm.model.train()
-        try:
-            for share in (True, False):
-                for p in params.values():
-                    p.grad = None
-                losses = completion_losses(tiny_lm, ids, targets, prefix=est._virtual_prefix, share_prefix=share)
-                (losses * torch.arange(1.0, 1.0 + len(ids))).sum().backward()
-                results.append((losses.detach(), {n: p.grad.clone() for n, p in params.items()}))
-        finally:
-            tiny_lm.model.eval()
-    (shared, g_shared), (full, g_full) = results
-    torch.testing.assert_close(shared, full, atol=1e-5, rtol=1e-5)
-    for name in g_full:
-        torch.testing.assert_close(g_shared[name], g_full[name], atol=1e-5, rtol=1e-4, msg=name)
-    assert any(g.abs().sum() > 0 for g in g_full.values())
+    assert_same_values_and_gradients(
+        est, tiny_lm,
+        lambda: completion_losses(tiny_lm, ids, targets, prefix=est._virtual_prefix, share_prefix=True),
+        lambda: completion_losses(tiny_lm, ids, targets, prefix=est._virtual_prefix, share_prefix=False))

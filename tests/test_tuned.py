@@ -14,6 +14,8 @@ from lmtune.errors import LmtuneError
 from lmtune.methods import METHODS, ZeroShotClassifier
 from lmtune.methods.tuned import TunedClassifier
 
+from _exactness import assert_same_values_and_gradients
+
 TUNED = [name for name, cls in METHODS.items() if issubclass(cls, TunedClassifier)]
 
 
@@ -234,24 +236,8 @@ def test_shared_prompt_prefix_is_exact_in_value_and_gradient(tiny_lm, small, met
     seqs = task.encode(tiny_lm.tokenizer, small[0]).input_ids[:6]
     assert common_prefix_length(seqs) >= 10
     label_ids = torch.tensor(task.label_token_ids(tiny_lm.tokenizer))
-    results = []
-    with est.attached(train=True) as params:
-        tiny_lm.model.train()
-        try:
-            for share in (True, False):
-                for p in params.values():
-                    p.grad = None
-                logits = est._forward(tiny_lm, seqs, label_ids, share_prefix=share)
-                (logits * torch.arange(1.0, 1.0 + logits.numel()).view_as(logits)).sum().backward()
-                results.append((logits.detach(), {n: p.grad.clone() for n, p in params.items()}))
-        finally:
-            tiny_lm.model.eval()
-    (shared, g_shared), (full, g_full) = results
-    torch.testing.assert_close(shared, full, atol=1e-5, rtol=1e-5)
-    assert g_shared.keys() == g_full.keys() and g_full
-    for name in g_full:
-        torch.testing.assert_close(g_shared[name], g_full[name], atol=1e-5, rtol=1e-4, msg=name)
-    assert any(g.abs().sum() > 0 for g in g_full.values())
+    assert_same_values_and_gradients(est, tiny_lm, lambda: est._forward(tiny_lm, seqs, label_ids, share_prefix=True),
+                                     lambda: est._forward(tiny_lm, seqs, label_ids, share_prefix=False))
 
 
 def test_fast_dropout_has_dropouts_distribution_and_gradient():
@@ -293,23 +279,14 @@ def test_shared_prompt_prefix_under_activation_checkpointing_is_exact(tiny_lm, s
     est = fitted(tiny_lm, task, small[0], "lora", lr=1e-2, max_steps=2, dropout=0.0)
     seqs = task.encode(tiny_lm.tokenizer, small[0]).input_ids[:6]
     label_ids = torch.tensor(task.label_token_ids(tiny_lm.tokenizer))
-    results = []
-    with est.attached(train=True) as params:
-        tiny_lm.model.train()
-        try:
-            for share, checkpoint in ((False, False), (True, True)):
-                _checkpointing(tiny_lm.model, checkpoint)
-                for p in params.values():
-                    p.grad = None
-                logits = est._forward(tiny_lm, seqs, label_ids, share_prefix=share)
-                (logits * torch.arange(1.0, 1.0 + logits.numel()).view_as(logits)).sum().backward()
-                results.append((logits.detach(), {n: p.grad.clone() for n, p in params.items()}))
-        finally:
-            _checkpointing(tiny_lm.model, False)
-            tiny_lm.model.eval()
-    (plain, g_plain), (shared, g_shared) = results
-    torch.testing.assert_close(shared, plain, atol=1e-5, rtol=1e-5)
-    for name in g_plain:
-        torch.testing.assert_close(g_shared[name], g_plain[name], atol=1e-5, rtol=1e-4, msg=name)
+
+    def run(share, checkpoint):
+        _checkpointing(tiny_lm.model, checkpoint)
+        return est._forward(tiny_lm, seqs, label_ids, share_prefix=share)
+
+    try:
+        assert_same_values_and_gradients(est, tiny_lm, lambda: run(False, False), lambda: run(True, True))
+    finally:
+        _checkpointing(tiny_lm.model, False)
     assert not any(hasattr(layer, "_can_checkpoint_with_cache") and "_can_checkpoint_with_cache" in vars(layer)
                    for layer in tiny_lm.model.model.layers)
