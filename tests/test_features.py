@@ -1,5 +1,7 @@
 """Feature extraction: parity with the full model's logits, prefix sharing is exact, the disk cache."""
 
+import contextlib
+
 import numpy as np
 import pytest
 import torch
@@ -74,3 +76,48 @@ def test_disk_cache_round_trip(tiny_lm, prompts, monkeypatch):
     assert features.feature_key(tiny_lm, ids[:-1], label_ids) != features.feature_key(tiny_lm, ids, label_ids)
     assert features.feature_key(tiny_lm, ids, label_ids[::-1]) != features.feature_key(tiny_lm, ids, label_ids)
     assert not list(features.feature_cache_path().glob(".tmp-*"))
+
+
+@pytest.mark.parametrize("how", ["row", "cache"])
+@pytest.mark.parametrize("part", ["all layers", "top layer", "checkpointed"])
+def test_continue_shared_head_equals_full_rows_in_value_and_gradient(tiny_lm, how, part):
+    """Both ways of running a shared head once give every row's final states, and the gradients with
+    respect to the head and the rows' inputs, of running each row in full."""
+    from lmtune.features import continue_shared_head
+    from lmtune.methods.tuned import _checkpointing, backbone_of, layer_range
+
+    bb = backbone_of(tiny_lm)
+    d = bb.config.hidden_size
+    gen = torch.Generator().manual_seed(0)
+    H, lengths = 5, [9, 6, 7]
+    B, T = len(lengths), max(lengths)
+    head0 = torch.randn(1, H, d, generator=gen)
+    rows0 = torch.randn(B, T, d, generator=gen)
+    mask = (torch.arange(T)[None] < torch.tensor(lengths)[:, None]).long()
+    weight = torch.randn(B, T, d, generator=gen) * mask[:, :, None]  # a loss on the real tokens only
+
+    def run(shared):
+        head, rows = head0.clone().requires_grad_(True), rows0.clone().requires_grad_(True)
+        if shared:
+            out = continue_shared_head(net, head, rows, mask, how=how)
+        else:
+            full = torch.cat([head.expand(B, -1, -1), rows], dim=1)
+            full_mask = torch.cat([torch.ones(B, H, dtype=mask.dtype), mask], dim=1)
+            out = net(inputs_embeds=full, attention_mask=full_mask, use_cache=False).last_hidden_state[:, H:]
+        (out * weight).sum().backward()
+        return out.detach() * mask[:, :, None], head.grad, rows.grad
+
+    tiny_lm.model.train()  # no dropout in the tiny model; train mode is what checkpointing needs
+    try:
+        with (layer_range(tiny_lm, 1) if part == "top layer" else contextlib.nullcontext(bb)) as net:
+            if part == "checkpointed":
+                _checkpointing(tiny_lm.model, True)
+            try:
+                shared, plain = run(True), run(False)
+            finally:
+                _checkpointing(tiny_lm.model, False)
+    finally:
+        tiny_lm.model.eval()
+    for a, b in zip(shared, plain):
+        torch.testing.assert_close(a, b, atol=1e-5, rtol=1e-4)
+    assert shared[1].abs().sum() > 0  # the rows' loss reaches the head
