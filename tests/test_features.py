@@ -79,7 +79,7 @@ def test_disk_cache_round_trip(tiny_lm, prompts, monkeypatch):
 
 
 @pytest.mark.parametrize("how", ["row", "cache"])
-@pytest.mark.parametrize("part", ["all layers", "top layer", "checkpointed"])
+@pytest.mark.parametrize("part", ["all layers", "top layer", "checkpointed", "eager attention"])
 def test_continue_shared_head_equals_full_rows_in_value_and_gradient(tiny_lm, how, part):
     """Both ways of running a shared head once give every row's final states, and the gradients with
     respect to the head and the rows' inputs, of running each row in full."""
@@ -108,6 +108,9 @@ def test_continue_shared_head_equals_full_rows_in_value_and_gradient(tiny_lm, ho
         return out.detach() * mask[:, :, None], head.grad, rows.grad
 
     tiny_lm.model.train()  # no dropout in the tiny model; train mode is what checkpointing needs
+    impl = tiny_lm.model.config._attn_implementation
+    if part == "eager attention":  # the row way's 4D mask is additive there, boolean-free
+        tiny_lm.model.config._attn_implementation = "eager"
     try:
         with (layer_range(tiny_lm, 1) if part == "top layer" else contextlib.nullcontext(bb)) as net:
             if part == "checkpointed":
@@ -118,6 +121,7 @@ def test_continue_shared_head_equals_full_rows_in_value_and_gradient(tiny_lm, ho
                 _checkpointing(tiny_lm.model, False)
     finally:
         tiny_lm.model.eval()
+        tiny_lm.model.config._attn_implementation = impl
     for a, b in zip(shared, plain):
         torch.testing.assert_close(a, b, atol=1e-5, rtol=1e-4)
     assert shared[1].abs().sum() > 0  # the rows' loss reaches the head
