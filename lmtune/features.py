@@ -101,6 +101,30 @@ def _batch_cache(backbone, kv, batch: int):
                         config=backbone.config)
 
 
+def shared_prefix_length(seqs: list[list[int]], limit: int | None = None) -> int:
+    """The batch's common token prefix worth running once: 0 for a single row or below
+    ``MIN_SHARED_PREFIX``; at most ``limit`` when given."""
+    if len(seqs) < 2:
+        return 0
+    P = common_prefix_length(seqs)
+    P = P if limit is None else min(P, limit)
+    return P if P >= MIN_SHARED_PREFIX else 0
+
+
+def rows_after_head(backbone, head: torch.Tensor | None, embeds: torch.Tensor, mask: torch.Tensor,
+                    share: bool) -> torch.Tensor:
+    """Final hidden states (B, T, d) of the rows ``embeds`` that all follow ``head`` (1, H, d) or nothing:
+    the head computed once when ``share`` (:func:`continue_shared_head`), else put in front of every row."""
+    if head is None:
+        return backbone(inputs_embeds=embeds, attention_mask=mask, use_cache=False).last_hidden_state
+    if share:
+        return continue_shared_head(backbone, head, embeds, mask)
+    B, H = mask.shape[0], head.shape[1]
+    full_mask = torch.cat([torch.ones((B, H), dtype=mask.dtype, device=mask.device), mask], dim=1)
+    return backbone(inputs_embeds=torch.cat([head.expand(B, -1, -1), embeds], dim=1), attention_mask=full_mask,
+                    use_cache=False).last_hidden_state[:, H:]
+
+
 def continue_shared_head(backbone, head: torch.Tensor, embeds: torch.Tensor, mask: torch.Tensor,
                          how: str = "auto") -> torch.Tensor:
     """Final hidden states (B, T, d) of B right-padded rows ``embeds`` (B, T, d), ``mask`` (B, T), that all

@@ -140,18 +140,17 @@ def completion_losses(lm, ids: list[list[int]], targets: list[list[bool]], *, pa
         that predicts a target) and the virtual tokens once, broadcasting their keys and values
         (:func:`lmtune.features.continue_shared_head`; exact in value and gradient).
     """
-    from lmtune.features import MIN_SHARED_PREFIX, common_prefix_length, continue_shared_head
+    from lmtune.features import rows_after_head, shared_prefix_length
     from lmtune.methods.tuned import backbone_of, layer_range
 
     device = lm.device
     bb = backbone_of(lm)
     full_ids = ids
     P = 0
-    if share_prefix and not pack and lower is None and len(ids) > 1:
+    if share_prefix and not pack and lower is None:
         # the common prefix, ending before the first position that predicts a target
         first = min(next((j for j in range(1, len(t)) if t[j]), len(t)) for t in targets)
-        P = min(common_prefix_length(ids), first - 1)
-        P = P if P >= MIN_SHARED_PREFIX else 0
+        P = shared_prefix_length(ids, limit=first - 1)
         ids = [s[P:] for s in ids]
     lengths = [len(s) for s in ids]
     lay, _ = layout(lengths, pack)
@@ -175,21 +174,16 @@ def completion_losses(lm, ids: list[list[int]], targets: list[list[bool]], *, pa
     else:
         embed = bb.get_input_embeddings()
         emb = embed(tokens)
-        virtual = prefix(1 if share_prefix else lay.n_rows) if prefix is not None else None
+        virtual = prefix(1) if prefix is not None else None
         if virtual is not None and pack:
             raise ValueError("packing cannot be combined with virtual tokens")
         head = [virtual.to(emb.dtype)] if virtual is not None else []
         if P:
             head.append(embed(torch.tensor([full_ids[0][:P]], device=device)))
-        if head and share_prefix:
-            h = continue_shared_head(bb, torch.cat(head, dim=1), emb, mask)
-            shift = -P  # h covers the suffixes only
+        if head:
+            h = rows_after_head(bb, torch.cat(head, dim=1), emb, mask, share_prefix)
+            shift = -P  # h covers the rows' own (suffix) tokens only
         else:
-            if virtual is not None:
-                shift = virtual.shape[1]
-                emb = torch.cat([virtual.to(emb.dtype), emb], dim=1)
-                kwargs["attention_mask"] = torch.cat(
-                    [torch.ones((lay.n_rows, shift), dtype=mask.dtype, device=device), mask], dim=1)
             h = bb(inputs_embeds=emb, use_cache=False, **kwargs).last_hidden_state
     return per_item_losses(h, lm.model.get_output_embeddings(), lay, full_ids, targets, shift)
 

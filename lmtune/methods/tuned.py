@@ -49,7 +49,7 @@ import torch
 from transformers import DynamicCache
 
 from lmtune.errors import LmtuneError
-from lmtune.features import MIN_SHARED_PREFIX, _batch_cache, common_prefix_length, continue_shared_head, extract
+from lmtune.features import _batch_cache, continue_shared_head, extract, rows_after_head, shared_prefix_length
 from lmtune.metrics import classification_report
 from lmtune.methods.base import LabelTokenClassifier, as_dataset, softmax
 from lmtune.models import DEFAULT_MODEL, LM
@@ -233,10 +233,7 @@ class TunedClassifier(LabelTokenClassifier):
         pad = lm.tokenizer.pad_token_id if lm.tokenizer.pad_token_id is not None else 0
         B = len(seqs)
         share = self.share_prefix if share_prefix is None else share_prefix
-        P = 0
-        if share and B > 1:
-            P = common_prefix_length(seqs)
-            P = P if P >= MIN_SHARED_PREFIX else 0
+        P = shared_prefix_length(seqs) if share else 0
         ids, mask, lengths = pad_batch([s[P:] for s in seqs] if P else seqs, pad, device)
         if lower is not None:
             T = ids.shape[1]
@@ -255,16 +252,7 @@ class TunedClassifier(LabelTokenClassifier):
             head = [virtual.to(emb.dtype)] if virtual is not None else []
             if P:
                 head.append(embed(torch.tensor([seqs[0][:P]], device=device)))
-            head = torch.cat(head, dim=1) if head else None
-            if head is not None and share:
-                h = continue_shared_head(bb, head, emb, mask)
-            else:
-                if head is not None:
-                    H = head.shape[1]
-                    emb = torch.cat([head.expand(B, -1, -1), emb], dim=1)
-                    mask = torch.cat([torch.ones((B, H), dtype=mask.dtype, device=device), mask], dim=1)
-                    lengths = lengths + H
-                h = bb(inputs_embeds=emb, attention_mask=mask, use_cache=False).last_hidden_state
+            h = rows_after_head(bb, torch.cat(head, dim=1) if head else None, emb, mask, share)
         z = h[torch.arange(B, device=device), lengths - 1]
         A = lm.model.get_output_embeddings()
         logits = z @ A.weight[label_ids].T
@@ -287,8 +275,7 @@ class TunedClassifier(LabelTokenClassifier):
         order = sorted(range(len(seqs)), key=lambda i: len(seqs[i]), reverse=True)
         # The prompts' common token prefix runs once, as in feature extraction; its hidden states are
         # shared by every example and its keys/values serve every batch (exact: causal attention).
-        P = common_prefix_length(seqs)
-        P = P if P >= MIN_SHARED_PREFIX else 0
+        P = shared_prefix_length(seqs)
         bs = max(self.batch_size, 16)
         was_training = lm.model.training
         lm.model.eval()
