@@ -20,9 +20,9 @@ Choices
   cross-entropy as likelihood with temperature ``T`` and a Gaussian prior of precision ``delta``. A
   mini-batch of m of the N examples estimates the likelihood gradient as ``N/m`` times its sum.
 * **The prior is applied decoupled from AdamW** (:meth:`ParticleSet.prior_step`), as AdamW applies weight
-  decay: after each optimizer step every particle moves by the prior's part of the SVGD direction at
-  plain-gradient scale, ``theta_i -= lr * delta / N * (1/n) sum_j k(x_j, x_i) theta_j`` (one particle:
-  ``theta *= 1 - lr * delta / N``, AdamW's weight decay ``delta / N``). Put through AdamW instead, the
+  decay: after each optimizer step every particle moves by the prior's part of the direction ``n phi / N``
+  (below) at plain-gradient scale, ``theta_i -= lr * delta / N * sum_j k(x_j, x_i) theta_j`` (with the
+  kernel off or one particle: ``theta_i *= 1 - lr * delta / N``, AdamW's weight decay ``delta / N``). Put through AdamW instead, the
   prior's small gradient ``delta * theta / N`` is normalised per coordinate like any other: where the
   likelihood's gradient is smaller still (all of LoRA's ``A`` at initialisation, where ``B = 0`` makes it
   exactly zero) the prior pulled ``A`` towards 0 by about ``lr`` per step. Measured on the built-in
@@ -32,11 +32,21 @@ Choices
 * **Optimizer**: the SVGD direction is handed to lmtune's training loop as a gradient (AdamW with its
   warmup and schedule, clipping, checkpoints, validation of the ensemble each epoch, progress). AdamW on
   ``-phi`` is common practice (Liu and Wang used AdaGrad); its per-coordinate scaling means the particles
-  follow a preconditioned, not the exact, SVGD flow. The loop minimises a per-example mean loss, so the
-  direction is divided by N: ``grad = -phi / N``. It is passed as the gradient of a surrogate
-  ``sum_i <theta_i, -m phi_i / N>`` whose value is replaced by the particles' mean loss (so progress bars
-  and divergence checks read a real loss). Because ``phi`` is linear in the gradients for a fixed
-  kernel, gradient accumulation and several processes sum micro-batch directions correctly.
+  follow a preconditioned, not the exact, SVGD flow. Each particle gets the gradient a single adapter
+  trained alone would get: the loop minimises a per-example mean loss, so the direction is divided by N
+  and multiplied by n, ``grad_i = -n phi_i / N`` (with the kernel off, ``n phi_i`` is particle i's own
+  score, the MAP gradient), and each particle's gradient is clipped to the loop's ``clip`` on its own
+  (``ParticleSet.clip_groups``). The plain ``-phi / N`` of one joint model made every particle learn
+  slowly: its gradient was 1/n of a single adapter's and was clipped by the norm of all n together, and
+  Adam with clipping is not invariant to that rescaling (clipping bounds the gradient spikes that feed
+  Adam's second moment). Measured on the built-in reviews (352 records, 3 epochs, seed 0, 2026-12-02
+  sessions): 4 particles with the kernel switched off (bandwidth times 0.01) reached a mean training loss
+  of 0.66 in the third epoch and test accuracies 0.54 to 0.69, against 0.38 and 0.835 for one particle;
+  one particle given a quarter of its gradient and no clipping (the same rescaling) reached 0.48 and 0.75.
+  The gradient is passed as the gradient of a surrogate ``sum_i <theta_i, -m n phi_i / N>`` whose value
+  is replaced by the particles' mean loss (so progress bars and divergence checks read a real loss).
+  Because ``phi`` is linear in the gradients for a fixed kernel, gradient accumulation and several
+  processes sum micro-batch directions correctly.
 * **Particles** share one PEFT adapter structure: each particle is its own set of parameters, swapped
   into the LoRA modules for its forward and backward pass, so memory grows by one adapter (not one model)
   per particle, and time by one forward/backward per particle per step.
@@ -152,7 +162,7 @@ class ParticleSet:
     @torch.no_grad()
     def prior_step(self, lr: float, prior_precision: float, n_train: int) -> None:
         """The Gaussian prior's part of the SVGD step, outside the optimizer (see the module docstring):
-        ``theta_i -= lr * delta / N * (1/n) sum_j k(x_j, x_i) theta_j``, with the kernel and positions the
+        ``theta_i -= lr * delta / N * sum_j k(x_j, x_i) theta_j``, with the kernel and positions the
         step's direction was computed at (by :meth:`loss`; so one particle gets exactly AdamW's decoupled
         weight decay, which also decays the pre-update value)."""
         pull, self._pull = self._pull, None
@@ -161,13 +171,18 @@ class ParticleSet:
         if pull is None:  # no loss() this step: the kernel at the current positions
             X = torch.stack([self.flat(i).double() for i in range(len(self))])
             pull = _kernel_mean(X, self.last_bandwidth if self.last_bandwidth is not None else median_bandwidth(X))
-        scale = lr * prior_precision / n_train
+        scale = lr * prior_precision / n_train * len(self)  # n phi: see the module docstring
         for i in range(len(self)):
             offset = 0
             for k in self.names:
                 p = self.particles[i][k]
                 p.sub_((scale * pull[i, offset:offset + p.numel()]).view_as(p).to(p.dtype))
                 offset += p.numel()
+
+    def clip_groups(self) -> list[list[str]]:
+        """The names of :meth:`named_parameters` per particle: each particle's gradient is clipped as one
+        model's (see the module docstring)."""
+        return [[f"particle{i}.{k}" for k in self.names] for i in range(len(self))]
 
     def loss(self, particle_loss: Callable[[], torch.Tensor], m: int, n_train: int, *, prior_precision: float = 1.0,
              temperature: float = 1.0) -> torch.Tensor:
@@ -191,7 +206,7 @@ class ParticleSet:
         X = torch.stack(thetas)
         phi, self.last_bandwidth = svgd_direction(X, torch.stack(scores))
         self._pull = _kernel_mean(X, self.last_bandwidth)  # for prior_step after this update
-        d = (-(m / n_train) * phi).to(self.particles[0][self.names[0]].dtype)
+        d = (-(m * len(self) / n_train) * phi).to(self.particles[0][self.names[0]].dtype)  # n phi: module docstring
         surrogate = sum((self.flat(i) * d[i]).sum() for i in range(len(self)))
         value = torch.stack(losses).mean()
         return value + surrogate - surrogate.detach()
@@ -250,8 +265,8 @@ def svgd_info(est) -> dict:
     return {"kind": "svgd", "particles": n, "kernel": "RBF, median heuristic h = med^2 / log(n + 1)",
             "last_bandwidth": getattr(est, "_svgd_bandwidth", None), "temperature": est.svgd_temperature,
             "prior_precision": _prior(est),
-            "optimizer": "the training loop's AdamW on -phi / N for the likelihood and kernel terms; the prior's "
-                         "term applied decoupled after each update",
+            "optimizer": "the training loop's AdamW on -n phi / N for the likelihood and kernel terms, each "
+                         "particle clipped on its own; the prior's term applied decoupled after each update",
             "predictive": "mean of the particles' softmax probabilities",
             "params_per_particle": fi["trainable_params"] // n, "seconds": fi["train_seconds"],
             "seconds_per_step": fi["train_seconds"] / steps, "peak_rss_bytes": fi["peak_rss_bytes"],

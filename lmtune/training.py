@@ -392,7 +392,8 @@ def train(params: dict[str, torch.nn.Parameter], loss_fn: Callable[[list[int]], 
           n_examples: int, config: TrainConfig, *, lengths: Sequence[int] | None = None,
           val_fn: Callable[[], float] | None = None, resume: bool = False, progress: bool | None = None,
           desc: str = "train", on_step: Callable[[int], None] | None = None,
-          after_update: Callable[[int, float], None] | None = None) -> TrainResult:
+          after_update: Callable[[int, float], None] | None = None,
+          clip_groups: Sequence[Sequence[str]] | None = None) -> TrainResult:
     """Train ``params`` with AdamW on ``loss_fn`` over examples ``0 .. n_examples - 1``.
 
     Parameters
@@ -426,6 +427,9 @@ def train(params: dict[str, torch.nn.Parameter], loss_fn: Callable[[list[int]], 
         the step's gradients are still there (AdaLoRA's rank allocator scores parameters by
         ``|p * grad|``; SVGD applies its prior there). Whatever it changes must be deterministic, as it is
         not replayed on resume.
+    clip_groups : sequence of sequences of str, optional
+        Parameter names whose gradient norm is clipped to ``config.clip`` together, each group on its own
+        (SVGD's particles: each is clipped as the one model it stands for). Default: one group of all.
 
     Returns
     -------
@@ -439,6 +443,12 @@ def train(params: dict[str, torch.nn.Parameter], loss_fn: Callable[[list[int]], 
         When a loss or the gradient norm is NaN or infinite (before the bad step touches the parameters).
     """
     names, plist = _check_params(params)
+    groups = None
+    if clip_groups is not None:
+        groups = [[params[n] for n in g] for g in clip_groups]
+        covered = [n for g in clip_groups for n in g]
+        if sorted(covered) != sorted(names):
+            raise LmtuneError("clip_groups must name every trainable parameter exactly once")
     if not _is_int(n_examples) or n_examples < 1:
         raise LmtuneError(f"training needs at least one example, got n_examples={n_examples!r}")
     if lengths is not None and len(lengths) != n_examples:
@@ -475,7 +485,7 @@ def train(params: dict[str, torch.nn.Parameter], loss_fn: Callable[[list[int]], 
                 batches_epoch = st.epoch
             t0 = time.perf_counter()
             st.lr = config.lr * lr_factor(st.step, total, warm, config.schedule)
-            _step(batches[st.pos], loss_fn, plist, opt, config, st, rank, world, after_update)
+            _step(batches[st.pos], loss_fn, plist, opt, config, st, rank, world, after_update, groups)
             st.step += 1
             st.pos += 1
             st.ep_seconds += time.perf_counter() - t0
@@ -528,7 +538,7 @@ def _broadcast_params(plist) -> None:
 
 
 def _step(batch: list[int], loss_fn, plist, opt, config: TrainConfig, st: _Progress, rank: int, world: int,
-          after_update=None):
+          after_update=None, groups: list[list[torch.nn.Parameter]] | None = None):
     """One optimizer step on one global batch: micro-batches, all-reduce, checks, clip, AdamW."""
     opt.zero_grad(set_to_none=True)
     device = plist[0].device
@@ -559,7 +569,7 @@ def _step(batch: list[int], loss_fn, plist, opt, config: TrainConfig, st: _Progr
         raise TrainingDiverged(f"training diverged at {where}: the loss is {loss_sum_global}; "
                                "try a lower learning rate, gradient clipping (clip=1.0) or longer warmup")
     max_norm = config.clip if config.clip is not None else math.inf
-    norm = float(torch.nn.utils.clip_grad_norm_(plist, max_norm))
+    norm = max(float(torch.nn.utils.clip_grad_norm_(g, max_norm)) for g in (groups or [plist]))
     if not math.isfinite(norm):
         raise TrainingDiverged(f"training diverged at {where}: the gradient norm is {norm}; "
                                "try a lower learning rate, gradient clipping (clip=1.0) or longer warmup")

@@ -98,7 +98,7 @@ def test_particle_set_swaps_parameters_in_and_back():
         ParticleSet(model, {"lin.weight": model.lin.weight}, 0, lambda i: None)
 
 
-def test_surrogate_loss_gradient_is_minus_phi_over_n_and_its_value_the_mean_loss():
+def test_surrogate_loss_gradient_is_minus_n_phi_over_big_n_and_its_value_the_mean_loss():
     model, ps = _particles(3)
     x = torch.randn(4, 3, generator=torch.Generator().manual_seed(2), dtype=F64)
     y = torch.tensor([0, 1, 1, 0])
@@ -116,7 +116,7 @@ def test_surrogate_loss_gradient_is_minus_phi_over_n_and_its_value_the_mean_loss
         values.append(float(ce.detach()))
     phi, _ = svgd_direction(torch.stack(thetas), torch.stack(scores))
     for i in range(3):
-        torch.testing.assert_close(ps.particles[i]["lin.weight"].grad.reshape(-1), -(m / N) * phi[i])
+        torch.testing.assert_close(ps.particles[i]["lin.weight"].grad.reshape(-1), -(m * 3 / N) * phi[i])
     assert float(loss.detach()) == pytest.approx(np.mean(values))
 
 
@@ -129,7 +129,7 @@ def test_prior_step_is_the_priors_part_of_the_svgd_direction_at_gradient_scale()
     ps.last_bandwidth = h
     ps.prior_step(lr, delta, N)
     after = torch.stack([ps.flat(i).detach() for i in range(3)])
-    torch.testing.assert_close(after, X + lr / N * (phi - repulse))
+    torch.testing.assert_close(after, X + lr * 3 / N * (phi - repulse))
     # one particle: AdamW-style decoupled decay by lr * delta / N
     model, one = _particles(1)
     w = model.lin.weight.detach().clone()
@@ -228,6 +228,24 @@ def test_one_particle_svgd_trains_the_same_adapter_as_plain_lora(tiny_lm, data_d
         torch.testing.assert_close(a[k], b[k], rtol=1e-4, atol=1e-6)
     test = data_dir / "test.jsonl"
     np.testing.assert_allclose(svgd.predict_proba(test), plain.predict_proba(test), atol=1e-5)
+
+
+def test_particles_with_the_kernel_off_each_train_like_one_adapter(tiny_lm, data_dir, monkeypatch):
+    from safetensors.torch import load_file
+
+    import lmtune.svgd
+
+    # a vanishing bandwidth makes k(x_i, x_j) = 0 between distinct particles and the repulsion exactly 0:
+    # each particle must then get a single adapter's gradient, clipped on its own (a tight clip makes
+    # clipping act on every step)
+    monkeypatch.setattr(lmtune.svgd, "median_bandwidth", lambda X: 1e-30)
+    kw = dict(max_steps=4, dropout=0.0, clip=1e-3)
+    plain = _lora(tiny_lm, **kw).fit(data_dir / "train.jsonl")
+    svgd = _lora(tiny_lm, bayes="svgd", particles=2, prior_precision=1e-12, **kw).fit(data_dir / "train.jsonl")
+    a = load_file(str(plain.adapter_dir_ / "adapter_model.safetensors"))
+    b = load_file(str(svgd.particle_dirs_[0] / "adapter_model.safetensors"))
+    for k in a:
+        torch.testing.assert_close(b[k], a[k], rtol=1e-5, atol=1e-7)
 
 
 def test_one_particle_svgd_prior_is_adamw_weight_decay(tiny_lm, data_dir):

@@ -201,6 +201,30 @@ def test_weight_decay_skips_one_dimensional_parameters():
     assert torch.equal(lin.bias.detach(), b0)
 
 
+def test_clip_groups_clip_each_group_on_its_own():
+    big = torch.nn.Parameter(torch.zeros(3))
+    small = torch.nn.Parameter(torch.zeros(2))
+    params = {"big": big, "small": small}
+
+    def loss(idx):  # gradients 10 per coordinate of big, 0.1 of small
+        return (10 * big.sum() + 0.1 * small.sum()) * len(idx), len(idx)
+
+    seen = {}
+
+    def grab(step, lr):
+        seen[step] = {n: p.grad.detach().clone() for n, p in params.items()}
+
+    cfg = TrainConfig(epochs=1, lr=0.1, batch_size=4, warmup=0, schedule="constant", clip=1.0)
+    train(params, loss, 4, cfg, progress=False, after_update=grab)
+    together = seen[1]  # one norm: small's share shrinks with big's
+    torch.testing.assert_close(together["small"], torch.full((2,), 0.1 / math.sqrt(300 + 0.02)))
+    train(params, loss, 4, cfg, progress=False, after_update=grab, clip_groups=[["big"], ["small"]])
+    torch.testing.assert_close(seen[1]["big"], torch.full((3,), 1 / math.sqrt(3)))
+    torch.testing.assert_close(seen[1]["small"], torch.full((2,), 0.1))  # under its own limit: untouched
+    with pytest.raises(LmtuneError, match="exactly once"):
+        train(params, loss, 4, cfg, progress=False, clip_groups=[["big"]])
+
+
 @pytest.mark.parametrize("restore_best", [True, False])
 def test_early_stopping_restores_the_best_epoch(restore_best):
     _, params, loss_fn, _, _ = problem()

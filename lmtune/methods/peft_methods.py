@@ -397,6 +397,10 @@ class LoraClassifier(PeftClassifier):
             svgd_objective(self, obj)
         return obj
 
+    def _clip_groups(self):
+        ps = getattr(self, "_particles", None)
+        return ps.clip_groups() if ps is not None else super()._clip_groups()
+
     def _after_update(self, step: int, lr: float) -> None:
         if getattr(self, "_particles", None) is not None:
             from lmtune.svgd import svgd_prior_step

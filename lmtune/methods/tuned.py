@@ -449,7 +449,7 @@ class TunedClassifier(LabelTokenClassifier):
             try:
                 result = train(params, loss_fn, n, cfg, lengths=[len(obj.seqs[j]) for j in obj.order],
                                val_fn=obj.val_fn, resume=self.resume, progress=self.progress, desc=self.method,
-                               after_update=self._after_update)
+                               after_update=self._after_update, clip_groups=self._clip_groups())
             finally:
                 lm.model.train(was_training)
                 if self.gradient_checkpointing and not gc_was:
@@ -497,6 +497,10 @@ class TunedClassifier(LabelTokenClassifier):
     def _regularizer(self, n: int) -> torch.Tensor | float:
         """Extra loss per optimizer step, scaled by the micro-batch's share ``n`` (AdaLoRA's orthogonality)."""
         return 0.0
+
+    def _clip_groups(self) -> list[list[str]] | None:
+        """Names of the trainable parameters clipped together, group by group (None: all together)."""
+        return None
 
     def _after_update(self, step: int, lr: float) -> None:
         """Called after every optimizer update, gradients still present (AdaLoRA's rank allocation)."""
