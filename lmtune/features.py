@@ -6,7 +6,7 @@ For a prompt ``x_{1:t}`` the causal LM's next-token logits are ``z_t A`` with ``
 state at each prompt's last real token, and multiplies by those K columns: ``L = Z A[:, labels]``. The
 full-vocabulary logits of every position are never formed.
 
-Three things make extraction fast on a CPU:
+Four things make extraction fast on a CPU:
 
 * **Shared prefix.** Every prompt of a task begins with the same tokens (the chat template's system turn
   and the instruction before ``{text}``). The longest common *token* prefix of the whole dataset is run
@@ -14,6 +14,8 @@ Three things make extraction fast on a CPU:
   token ids (not strings) makes this exact: each record's token sequence is the one the plain path sees.
 * **Length-sorted batches** with right padding, so little compute is spent on pad tokens; results are
   returned in the caller's order.
+* **The final layer only where it is read**: keys and values at every position, the rest at each
+  prompt's last token (:mod:`lmtune.last_layer`; exact).
 * **An on-disk cache** keyed by the model fingerprint, the exact token ids and the label tokens, so a refit
   with another ``lambda`` or target smoothing never touches the model again.
 
@@ -38,6 +40,7 @@ import numpy as np
 import torch
 from tqdm.auto import tqdm
 
+from lmtune.last_layer import final_layer_at
 from lmtune.models import LM, cache_dir
 
 FEATURE_VERSION = 2
@@ -308,7 +311,8 @@ def extract(lm: LM, input_ids: list[list[int]], label_token_ids: list[int], *, b
             if kv is not None:
                 kwargs = {"past_key_values": _batch_cache(backbone, kv, B),
                           "position_ids": (P + torch.arange(T, device=device)).expand(B, -1), "use_cache": True}
-            h = backbone(input_ids=ids.to(device), attention_mask=mask.to(device), **kwargs).last_hidden_state
+            with final_layer_at(backbone, (lengths - 1).to(device)):  # only the read positions: exact
+                h = backbone(input_ids=ids.to(device), attention_mask=mask.to(device), **kwargs).last_hidden_state
             z = h[torch.arange(B, device=device), (lengths - 1).to(device)]  # (B, d)
             logits = z @ A_lab.T  # (B, K)
             if bias is not None:

@@ -50,6 +50,7 @@ from transformers import DynamicCache
 
 from lmtune.errors import LmtuneError
 from lmtune.features import _batch_cache, continue_shared_head, extract, rows_after_head, shared_prefix_length
+from lmtune.last_layer import final_layer_at
 from lmtune.metrics import classification_report
 from lmtune.methods.base import LabelTokenClassifier, as_dataset, softmax
 from lmtune.models import DEFAULT_MODEL, LM
@@ -221,13 +222,14 @@ class TunedClassifier(LabelTokenClassifier):
 
     def _forward(self, lm: LM, seqs: list[list[int]], label_ids: torch.Tensor,
                  lower: list[torch.Tensor] | None = None, start: int = 0,
-                 share_prefix: bool | None = None) -> torch.Tensor:
+                 share_prefix: bool | None = None, last_only: bool = True) -> torch.Tensor:
         """(B, K) label logits for token sequences; from cached layer-``start`` inputs when ``lower``.
 
         With ``share_prefix`` (default: the estimator's option) the batch's common token prefix, and
         prompt tuning's virtual tokens, run once as a batch of one and their keys/values are broadcast
         over the batch (see the module docstring); ``False`` runs every row in full, which per-example
-        quantities need (the Laplace factors)."""
+        quantities need (the Laplace factors). ``last_only`` computes the final layer only at each row's
+        last token, where it is read (:mod:`lmtune.last_layer`; exact)."""
         device = lm.device
         bb = backbone_of(lm)
         pad = lm.tokenizer.pad_token_id if lm.tokenizer.pad_token_id is not None else 0
@@ -235,12 +237,13 @@ class TunedClassifier(LabelTokenClassifier):
         share = self.share_prefix if share_prefix is None else share_prefix
         P = shared_prefix_length(seqs) if share else 0
         ids, mask, lengths = pad_batch([s[P:] for s in seqs] if P else seqs, pad, device)
+        read = (lengths - 1).to(device) if last_only else None  # the final layer runs only where it is read
         if lower is not None:
             T = ids.shape[1]
             emb = torch.zeros((B, T, lower[0].shape[-1]), dtype=lower[0].dtype, device=device)
             for r, h in enumerate(lower):
                 emb[r, :h.shape[0] - P] = h[P:].to(device)
-            with layer_range(lm, start) as top:
+            with layer_range(lm, start) as top, final_layer_at(top, read):
                 if P:  # the rows' states at the common prefix are the same: row 0's serve as the head
                     h = continue_shared_head(top, lower[0][:P].to(device)[None], emb, mask)
                 else:
@@ -252,7 +255,11 @@ class TunedClassifier(LabelTokenClassifier):
             head = [virtual.to(emb.dtype)] if virtual is not None else []
             if P:
                 head.append(embed(torch.tensor([seqs[0][:P]], device=device)))
-            h = rows_after_head(bb, torch.cat(head, dim=1) if head else None, emb, mask, share)
+            head = torch.cat(head, dim=1) if head else None
+            if read is not None and head is not None and not share:  # rows_after_head puts it before every row
+                read = read + head.shape[1]
+            with final_layer_at(bb, read):
+                h = rows_after_head(bb, head, emb, mask, share)
         z = h[torch.arange(B, device=device), lengths - 1]
         A = lm.model.get_output_embeddings()
         logits = z @ A.weight[label_ids].T
