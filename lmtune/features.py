@@ -311,9 +311,10 @@ def extract(lm: LM, input_ids: list[list[int]], label_token_ids: list[int], *, b
             if kv is not None:
                 kwargs = {"past_key_values": _batch_cache(backbone, kv, B),
                           "position_ids": (P + torch.arange(T, device=device)).expand(B, -1), "use_cache": True}
-            with final_layer_at(backbone, (lengths - 1).to(device)):  # only the read positions: exact
+            read = (lengths - 1).to(device)
+            with final_layer_at(backbone, read):  # the final layer only at the read positions: exact
                 h = backbone(input_ids=ids.to(device), attention_mask=mask.to(device), **kwargs).last_hidden_state
-            z = h[torch.arange(B, device=device), (lengths - 1).to(device)]  # (B, d)
+            z = h[torch.arange(B, device=device), read]  # (B, d)
             logits = z @ A_lab.T  # (B, K)
             if bias is not None:
                 logits = logits + bias

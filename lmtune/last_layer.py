@@ -11,7 +11,7 @@ quarter of every forward and backward pass.
 position and the rest at one position per row, for the duration of a block, and returns the layer's usual
 (N, T, d) output with zeros at the positions not computed. It calls the layer's own submodules (so LoRA,
 DoRA and lmtune's adapter hooks on ``o_proj``/``down_proj`` run as usual), the model's own rotary
-function and attention implementation (sdpa or eager), and the cache's ``update`` (so lmtune's shared
+rotation (``rotate_half``) and attention implementation (sdpa or eager), and the cache's ``update`` (so lmtune's shared
 prompt prefix works unchanged). It is exact in value and gradient (tested against the full layer),
 written by hand because transformers computes every position of every layer (``logits_to_keep`` trims
 only the vocabulary head).
@@ -63,10 +63,15 @@ def final_layer_at(backbone, positions: torch.Tensor | None):
 
 
 def _forward_at(layer, positions: torch.Tensor):
+    from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
+
     full = type(layer).forward.__get__(layer)
     attn = layer.self_attn
     model_module = sys.modules[type(attn).__module__]
-    rotate = model_module.apply_rotary_pos_emb
+    rotate_half = model_module.rotate_half
+    attend = ALL_ATTENTION_FUNCTIONS.get_interface(attn.config._attn_implementation,
+                                                   model_module.eager_attention_forward)
+    last = int(positions.max())
 
     def forward(hidden_states, attention_mask=None, position_ids=None, past_key_values=None, use_cache=False,
                 position_embeddings=None, **kwargs):
@@ -74,7 +79,7 @@ def _forward_at(layer, positions: torch.Tensor):
         sel = positions.to(hidden_states.device)
         if N == sel.shape[0] + 1:
             sel = torch.cat([sel.new_zeros(1), sel])
-        if (N != sel.shape[0] or position_embeddings is None or int(sel.max()) >= T
+        if (N != sel.shape[0] or position_embeddings is None or last >= T
                 or (attention_mask is None and getattr(attn, "sliding_window", None))):
             return full(hidden_states, attention_mask=attention_mask, position_ids=position_ids,
                         past_key_values=past_key_values, use_cache=use_cache,
@@ -85,9 +90,10 @@ def _forward_at(layer, positions: torch.Tensor):
         k = attn.k_proj(x).view(N, T, -1, hd).transpose(1, 2)
         v = attn.v_proj(x).view(N, T, -1, hd).transpose(1, 2)
         q = attn.q_proj(x[rows, sel][:, None]).view(N, 1, -1, hd).transpose(1, 2)
-        cos, sin = (e.expand(N, -1, -1) for e in position_embeddings)
-        q, _ = rotate(q, q[:, :1], cos[rows, sel][:, None], sin[rows, sel][:, None])
-        _, k = rotate(k[:, :, :1], k, cos, sin)
+        cos, sin = (e.expand(N, -1, -1) for e in position_embeddings)  # (N, T, hd): the model's rotary
+        cq, sq = cos[rows, sel][:, None, None], sin[rows, sel][:, None, None]
+        q = q * cq + rotate_half(q) * sq
+        k = k * cos[:, None] + rotate_half(k) * sin[:, None]
         if past_key_values is not None:
             k, v = past_key_values.update(k, v, attn.layer_idx)
         S = k.shape[2]
@@ -97,10 +103,6 @@ def _forward_at(layer, positions: torch.Tensor):
             mask = mask.masked_fill(~allowed[:, None, None], torch.finfo(q.dtype).min)
         else:
             mask = attention_mask.expand(N, -1, -1, -1)[rows, :, sel][:, :, None]
-        from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
-
-        attend = ALL_ATTENTION_FUNCTIONS.get_interface(attn.config._attn_implementation,
-                                                       model_module.eager_attention_forward)
         out, _ = attend(attn, q, k, v, mask, dropout=0.0 if not attn.training else attn.attention_dropout,
                         scaling=attn.scaling)
         h = hidden_states[rows, sel][:, None] + attn.o_proj(out.reshape(N, 1, -1))

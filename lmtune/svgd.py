@@ -91,9 +91,9 @@ def svgd_direction(X: torch.Tensor, score: torch.Tensor, bandwidth: float | None
     return (drive + repulse) / n, h
 
 
-def _kernel_mean(X: torch.Tensor, h: float) -> torch.Tensor:
-    """``(1/n) sum_j k(x_j, x_i) x_j`` for every particle i: (n, D)."""
-    return torch.exp(-torch.cdist(X, X).pow(2) / h) @ X / X.shape[0]
+def _kernel_sum(X: torch.Tensor, h: float) -> torch.Tensor:
+    """``sum_j k(x_j, x_i) x_j`` for every particle i: (n, D)."""
+    return torch.exp(-torch.cdist(X, X).pow(2) / h) @ X
 
 
 def svgd_step(X: torch.Tensor, score_fn: Callable[[torch.Tensor], torch.Tensor], lr: float,
@@ -170,8 +170,8 @@ class ParticleSet:
             return
         if pull is None:  # no loss() this step: the kernel at the current positions
             X = torch.stack([self.flat(i).double() for i in range(len(self))])
-            pull = _kernel_mean(X, self.last_bandwidth if self.last_bandwidth is not None else median_bandwidth(X))
-        scale = lr * prior_precision / n_train * len(self)  # n phi: see the module docstring
+            pull = _kernel_sum(X, self.last_bandwidth if self.last_bandwidth is not None else median_bandwidth(X))
+        scale = lr * prior_precision / n_train  # the prior's part of n phi / N: see the module docstring
         for i in range(len(self)):
             offset = 0
             for k in self.names:
@@ -205,7 +205,7 @@ class ParticleSet:
             scores.append(-(n_train / m) * g / temperature - prior_precision * theta)
         X = torch.stack(thetas)
         phi, self.last_bandwidth = svgd_direction(X, torch.stack(scores))
-        self._pull = _kernel_mean(X, self.last_bandwidth)  # for prior_step after this update
+        self._pull = _kernel_sum(X, self.last_bandwidth)  # for prior_step after this update
         d = (-(m * len(self) / n_train) * phi).to(self.particles[0][self.names[0]].dtype)  # n phi: module docstring
         surrogate = sum((self.flat(i) * d[i]).sum() for i in range(len(self)))
         value = torch.stack(losses).mean()
