@@ -41,6 +41,7 @@ import torch
 from tqdm.auto import tqdm
 
 from lmtune.last_layer import final_layer_at
+from lmtune.lean_blocks import SDPA_LIKE
 from lmtune.models import LM, cache_dir
 
 FEATURE_VERSION = 2
@@ -157,7 +158,7 @@ def continue_shared_head(backbone, head: torch.Tensor, embeds: torch.Tensor, mas
     config = backbone.config
     window = getattr(config, "sliding_window", None)
     if how == "auto":
-        row_ok = (getattr(config, "_attn_implementation", None) in ("sdpa", "eager")
+        row_ok = (getattr(config, "_attn_implementation", None) in (*SDPA_LIKE, "eager")
                   and (window is None or window >= H + T))
         how = "row" if row_ok and H <= T else "cache"
     if how == "row":

@@ -11,10 +11,10 @@ quarter of every forward and backward pass.
 position and the rest at one position per row, for the duration of a block, and returns the layer's usual
 (N, T, d) output with zeros at the positions not computed. It calls the layer's own submodules (so LoRA,
 DoRA and lmtune's adapter hooks on ``o_proj``/``down_proj`` run as usual), the model's own rotary
-rotation (``rotate_half``) and attention implementation (sdpa or eager), and the cache's ``update`` (so lmtune's shared
-prompt prefix works unchanged). It is exact in value and gradient (tested against the full layer),
-written by hand because transformers computes every position of every layer (``logits_to_keep`` trims
-only the vocabulary head).
+rotation (``rotate_half``) and attention implementation (sdpa, eager, or :mod:`lmtune.lean_blocks`'
+grouped-query sdpa), and the cache's ``update`` (so lmtune's shared prompt prefix works unchanged). It is
+exact in value and gradient (tested against the full layer), written by hand because transformers
+computes every position of every layer (``logits_to_keep`` trims only the vocabulary head).
 
 Only the Llama-style layer is handled (``llama``, ``mistral``, ``qwen2``: pre-norm attention with
 ``q/k/v/o_proj`` and a pre-norm MLP, no query/key norms); anything else, or a call whose batch or
@@ -28,6 +28,8 @@ import sys
 
 import torch
 
+from lmtune.lean_blocks import SDPA_LIKE
+
 SUPPORTED_MODEL_TYPES = ("llama", "mistral", "qwen2")
 
 
@@ -36,7 +38,7 @@ def supported(backbone) -> bool:
     layers = getattr(backbone, "layers", None)
     if not layers or getattr(config, "model_type", None) not in SUPPORTED_MODEL_TYPES:
         return False
-    if getattr(config, "_attn_implementation", None) not in ("sdpa", "eager"):
+    if getattr(config, "_attn_implementation", None) not in (*SDPA_LIKE, "eager"):
         return False
     last = layers[-1]
     attn = getattr(last, "self_attn", None)

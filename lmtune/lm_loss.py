@@ -141,6 +141,7 @@ def completion_losses(lm, ids: list[list[int]], targets: list[list[bool]], *, pa
         (:func:`lmtune.features.continue_shared_head`; exact in value and gradient).
     """
     from lmtune.features import rows_after_head, shared_prefix_length
+    from lmtune.lean_blocks import lean_blocks
     from lmtune.methods.tuned import backbone_of, layer_range
 
     device = lm.device
@@ -169,7 +170,7 @@ def completion_losses(lm, ids: list[list[int]], targets: list[list[bool]], *, pa
         emb = torch.zeros((lay.n_rows, lay.width, lower[0].shape[-1]), dtype=lower[0].dtype, device=device)
         for i, h in enumerate(lower):
             emb[lay.row[i], lay.offset[i]:lay.offset[i] + h.shape[0]] = h.to(device)
-        with layer_range(lm, start) as top:
+        with layer_range(lm, start) as top, lean_blocks(top):
             h = top(inputs_embeds=emb, use_cache=False, **kwargs).last_hidden_state
     else:
         embed = bb.get_input_embeddings()
@@ -180,11 +181,12 @@ def completion_losses(lm, ids: list[list[int]], targets: list[list[bool]], *, pa
         head = [virtual.to(emb.dtype)] if virtual is not None else []
         if P:
             head.append(embed(torch.tensor([full_ids[0][:P]], device=device)))
-        if head:
-            h = rows_after_head(bb, torch.cat(head, dim=1), emb, mask, share_prefix)
-            shift = -P  # h covers the rows' own (suffix) tokens only
-        else:
-            h = bb(inputs_embeds=emb, use_cache=False, **kwargs).last_hidden_state
+        with lean_blocks(bb):
+            if head:
+                h = rows_after_head(bb, torch.cat(head, dim=1), emb, mask, share_prefix)
+                shift = -P  # h covers the rows' own (suffix) tokens only
+            else:
+                h = bb(inputs_embeds=emb, use_cache=False, **kwargs).last_hidden_state
     return per_item_losses(h, lm.model.get_output_embeddings(), lay, full_ids, targets, shift)
 
 

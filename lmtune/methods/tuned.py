@@ -51,6 +51,7 @@ from transformers import DynamicCache
 from lmtune.errors import LmtuneError
 from lmtune.features import _batch_cache, continue_shared_head, extract, rows_after_head, shared_prefix_length
 from lmtune.last_layer import final_layer_at
+from lmtune.lean_blocks import lean_blocks
 from lmtune.metrics import classification_report
 from lmtune.methods.base import LabelTokenClassifier, as_dataset, softmax
 from lmtune.models import DEFAULT_MODEL, LM
@@ -243,7 +244,7 @@ class TunedClassifier(LabelTokenClassifier):
             emb = torch.zeros((B, T, lower[0].shape[-1]), dtype=lower[0].dtype, device=device)
             for r, h in enumerate(lower):
                 emb[r, :h.shape[0] - P] = h[P:].to(device)
-            with layer_range(lm, start) as top, final_layer_at(top, read):
+            with layer_range(lm, start) as top, final_layer_at(top, read), lean_blocks(bb):
                 if P:  # the rows' states at the common prefix are the same: row 0's serve as the head
                     h = continue_shared_head(top, lower[0][:P].to(device)[None], emb, mask)
                 else:
@@ -258,7 +259,7 @@ class TunedClassifier(LabelTokenClassifier):
             head = torch.cat(head, dim=1) if head else None
             if read is not None and head is not None and not share:  # rows_after_head puts it before every row
                 read = read + head.shape[1]
-            with final_layer_at(bb, read):
+            with final_layer_at(bb, read), lean_blocks(bb):
                 h = rows_after_head(bb, head, emb, mask, share)
         z = h[torch.arange(B, device=device), lengths - 1]
         A = lm.model.get_output_embeddings()
