@@ -355,12 +355,20 @@ class KFACCollector:
                 self.acc_in[name].add(a[mask])
         self.n_in_rows += {"weighted": B * (J or 0), "reduce": B, "expand": int(lengths.sum())}[self.weight_sharing]
 
-    def posterior(self, theta: dict[str, torch.Tensor]) -> "KFACPosterior":
-        """The Laplace posterior at the weights ``theta`` (name -> (out, in)); prior precision 1 until tuned."""
+    def posterior(self, theta: dict[str, torch.Tensor], n_data: int | None = None) -> "KFACPosterior":
+        """The Laplace posterior at the weights ``theta`` (name -> (out, in)); prior precision 1 until tuned.
+
+        ``n_data`` larger than the examples given: they were a uniform random sample of that many, and the
+        sums over examples (the output-side factors and the log-likelihood) are scaled up by the ratio
+        (unbiased estimates of the full sums; the input-side factors are means already)."""
         if not self.n_examples:
             raise LmtuneError("no batches were given to the KFAC collector")
-        blocks = {n: (self.acc_out[n].factor(1.0), self.acc_in[n].factor(1.0 / self.n_in_rows)) for n in self.modules}
-        return KFACPosterior(blocks, theta=theta, log_lik=self.log_lik, n_data=self.n_examples)
+        n = self.n_examples if n_data is None else int(n_data)
+        if n < self.n_examples:
+            raise LmtuneError(f"n_data ({n}) is smaller than the {self.n_examples} examples given")
+        scale = n / self.n_examples
+        blocks = {k: (self.acc_out[k].factor(scale), self.acc_in[k].factor(1.0 / self.n_in_rows)) for k in self.modules}
+        return KFACPosterior(blocks, theta=theta, log_lik=self.log_lik * scale, n_data=n)
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -631,15 +639,17 @@ def predictive_probs(mean: torch.Tensor, cov: torch.Tensor, method: str = "mc", 
 
 def fit_posterior(modules: dict[str, torch.nn.Module], batches: Iterable[tuple[Callable, torch.Tensor, torch.Tensor]],
                   *, weight_sharing: str = "weighted", rank: int = 128, max_full_dim: int = FULL_FACTOR_MAX_DIM,
-                  prior_precision: float | None = None, evidence: str = "post-hoc") -> KFACPosterior:
+                  prior_precision: float | None = None, evidence: str = "post-hoc",
+                  n_data: int | None = None) -> KFACPosterior:
     """KFAC Laplace posterior of ``modules``' weights from ``(forward, y, lengths)`` batches.
 
     ``prior_precision`` None maximises the evidence of ``evidence`` form over it; a number fixes it.
+    ``n_data``: the batches are a random sample of that many examples (:meth:`KFACCollector.posterior`).
     """
     col = KFACCollector(modules, weight_sharing=weight_sharing, rank=rank, max_full_dim=max_full_dim)
     for forward, y, lengths in batches:
         col.add_batch(forward, y, lengths)
-    post = col.posterior({n: m.weight for n, m in modules.items()})
+    post = col.posterior({n: m.weight for n, m in modules.items()}, n_data=n_data)
     if prior_precision is None:
         post.optimize_prior_precision(evidence)
     else:
@@ -700,6 +710,13 @@ def _lora_batches(est, seqs, label_ids, lower, start):
         yield idx, fwd, torch.tensor([len(s) for s in batch])
 
 
+def curvature_sample(n: int, k: int | None, seed: int) -> list[int] | None:
+    """The sorted indices of ``k`` of ``n`` examples drawn without replacement (seeded), or None for all."""
+    if k is None or k >= n:
+        return None
+    return sorted(np.random.default_rng(seed).choice(n, size=k, replace=False).tolist())
+
+
 def fit_lora_laplace(est, ds, val=None) -> tuple[KFACPosterior, dict]:
     """The posterior of a just-trained LoRA estimator on its training data ``ds``, and its card entry.
 
@@ -714,15 +731,21 @@ def fit_lora_laplace(est, ds, val=None) -> tuple[KFACPosterior, dict]:
     enc = task.encode(lm.tokenizer, ds, labeled=True)
     seqs, y = enc.input_ids, torch.as_tensor(enc.y, device=lm.device)
     kept = getattr(est, "_kept_lower", None)
+    n_all = len(seqs)
+    sample = curvature_sample(n_all, est.kfac_samples, est.seed)  # None: every example
     t0 = time.perf_counter()
     with PeakMemory() as mem, lora_grad_pass(est) as modules:
         start = est._frozen_below(lm)
-        if kept is not None and kept[1] == start and kept[0] == seqs:
-            lower = kept[2]  # the frozen layers' activations computed for training
+        reuse = kept is not None and kept[1] == start and kept[0] == seqs
+        if sample is not None:
+            seqs, y = [seqs[i] for i in sample], y[torch.as_tensor(sample, device=y.device)]
+        if reuse:  # the frozen layers' activations computed for training
+            lower = kept[2] if sample is None or kept[2] is None else [kept[2][i] for i in sample]
         else:
             lower = est._lower_cache(lm, seqs, start)
         batches = ((fwd, y[idx], lengths) for idx, fwd, lengths in _lora_batches(est, seqs, label_ids, lower, start))
-        post = fit_posterior(modules, batches, rank=est.kfac_rank, prior_precision=est.prior_precision)
+        post = fit_posterior(modules, batches, rank=est.kfac_rank, prior_precision=est.prior_precision,
+                             n_data=n_all)
         shapes = {n: tuple(m.weight.shape) for n, m in modules.items()}
     evidence_delta, evidence_at_bound = post.prior_precision, post.prior_at_bound
     tuning = None
@@ -752,6 +775,7 @@ def fit_lora_laplace(est, ds, val=None) -> tuple[KFACPosterior, dict]:
             "mode_form_prior_precision": mode_delta,
             "n_params": post.n_params, "n_data": post.n_data,
             "factors": len(shapes), "low_rank_factors": len(wide), "kfac_rank": est.kfac_rank,
+            "curvature_examples": len(seqs), "curvature_sampled": sample is not None,
             "full_factor_max_dim": FULL_FACTOR_MAX_DIM, "reused_lower_layers": start if lower is not None else 0,
             "seconds": seconds, "peak_rss_bytes": mem.peak_rss_bytes, "rss_at_start_bytes": mem.start_rss_bytes,
             "cuda_peak_bytes": mem.cuda_peak_bytes}

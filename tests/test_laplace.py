@@ -136,6 +136,35 @@ def test_kfac_is_exact_for_one_linear_layer_when_examples_share_the_softmax_hess
     assert (P - torch.eye(18, dtype=F64) - exact).abs().max() > 1e-3
 
 
+def test_a_sample_scaled_to_the_whole_set_equals_the_sample_counted_that_many_times():
+    # n_data = 3 x the examples given: the same posterior as giving the examples three times
+    model = LoraToy(seed=4)
+    g = torch.Generator().manual_seed(5)
+    x, lengths, y = randn(6, 4, 5, generator=g), torch.tensor([4, 2, 3, 4, 1, 3]), torch.tensor([0, 2, 1, 1, 0, 2])
+    once = KFACCollector(model.modules_())
+    once.add_batch(lambda: model(x, lengths), y, lengths)
+    thrice = KFACCollector(model.modules_())
+    for _ in range(3):
+        thrice.add_batch(lambda: model(x, lengths), y, lengths)
+    theta = {n: m.weight for n, m in model.modules_().items()}
+    a, b = once.posterior(theta, n_data=18), thrice.posterior(theta)
+    assert a.n_data == b.n_data == 18 and a.log_lik == pytest.approx(b.log_lik)
+    for name in a.blocks:
+        close(a.precision_matrix(name), b.precision_matrix(name))
+    assert a.optimize_prior_precision() == pytest.approx(b.optimize_prior_precision())
+    with pytest.raises(LmtuneError, match="smaller than"):
+        once.posterior(theta, n_data=5)
+
+
+def test_curvature_sample_is_seeded_sorted_and_without_replacement():
+    from lmtune.laplace import curvature_sample
+
+    assert curvature_sample(10, None, 0) is None and curvature_sample(10, 10, 0) is None
+    s = curvature_sample(100, 30, 7)
+    assert s == sorted(set(s)) and len(s) == 30 and s == curvature_sample(100, 30, 7)
+    assert s != curvature_sample(100, 30, 8)
+
+
 def test_laplace_covariance_and_glm_predictive_match_explicit_inverses():
     model = LoraToy()
     x, lengths, y = randn(1, 1, 5), torch.tensor([1]), torch.tensor([0])
@@ -393,6 +422,26 @@ def laplace_run(tiny_lm, tmp_path_factory):
     return est, d
 
 
+def test_lora_laplace_on_a_sample_of_the_training_set(laplace_run):
+    from lmtune.data import open_data
+    from lmtune.laplace import fit_lora_laplace
+
+    est, d = laplace_run
+    full = est.posterior_info_
+    assert full["curvature_examples"] == full["n_data"] == 32 and not full["curvature_sampled"]
+    est.kfac_samples = 12
+    try:
+        post, info = fit_lora_laplace(est, open_data(d / "train.jsonl"))
+    finally:
+        est.kfac_samples = None
+    assert info["curvature_examples"] == 12 and info["curvature_sampled"] and post.n_data == 32
+    # the factors estimate the same sums: the same order of magnitude as the full pass's
+    lam_s, c_s, _ = post.spectrum()
+    lam_f, c_f, _ = est.posterior_.spectrum()
+    ratio = float((lam_s * c_s).sum() / (lam_f * c_f).sum())
+    assert 0.3 < ratio < 3.0
+
+
 def test_lora_laplace_card_and_identical_predictions_after_loading(laplace_run, tiny_lm, tmp_path):
     import lmtune
 
@@ -531,6 +580,7 @@ def test_bayes_options_are_checked_before_training(tiny_lm):
                         ({"bayes": "laplace", "predictive": "sampled"}, "predictive must be mc or probit"),
                         ({"bayes": "laplace", "prior_precision": -1.0}, "prior_precision must be"),
                         ({"bayes": "laplace", "prior_method": "cv"}, "prior_method must be evidence or val"),
+                        ({"bayes": "laplace", "kfac_samples": 0}, "kfac_samples must be"),
                         ({"bayes": "laplace", "prior_method": "val"}, "give it \\(--val\\)")):
         with pytest.raises(LmtuneError, match=msg):
             lmtune.LoraClassifier(tiny_lm, task, **kwargs).fit("builtin:reviews:train")

@@ -458,3 +458,61 @@ def test_hard_label_validation():
         M.flips([0, 1], [0, 1], [0])
     with pytest.raises(ValueError, match="eps"):
         M.nll(GOOD_Y, GOOD_P, eps=0.0)
+
+
+# --------------------------------------------------------------------------
+# ECE against the test set's sampling noise
+# --------------------------------------------------------------------------
+
+
+def _sharp_probs(rng, n, k, sharp=3.0):
+    z = rng.normal(size=(n, k)) * sharp
+    p = np.exp(z - z.max(1, keepdims=True))
+    return p / p.sum(1, keepdims=True)
+
+
+@pytest.mark.parametrize("k", [2, 4])
+def test_ece_sampling_reports_the_same_ece_and_an_interval_around_it(k):
+    rng = np.random.default_rng(0)
+    p = _sharp_probs(rng, 300, k)
+    y = rng.integers(0, k, size=300)
+    out = M.ece_sampling(y, p, n_bins=10, draws=500)
+    assert out["ece"] == pytest.approx(M.ece(y, p, n_bins=10), abs=1e-12)
+    lo, hi = out["interval"]
+    assert lo < out["ece"] < hi
+
+
+def test_ece_calibrated_floor_is_what_a_calibrated_model_scores_and_shrinks_with_n():
+    rng = np.random.default_rng(1)
+    floors = {}
+    for n in (200, 5000):
+        p = _sharp_probs(rng, n, 2)
+        y = (rng.random(n) < p[:, 1]).astype(int)  # labels drawn from the predictions: calibrated
+        out = M.ece_sampling(y, p, draws=400, seed=3)
+        assert out["ece"] <= out["calibrated_floor_upper"] + 0.01
+        floors[n] = out["calibrated_floor"]
+    assert 0.01 < floors[200] < 0.12
+    assert floors[5000] < floors[200] / 3  # about 1/sqrt(N)
+    # certain and always right: nothing left to sample
+    certain = np.tile([0.0, 1.0], (50, 1))
+    assert M.ece_sampling(np.ones(50, int), certain, draws=50)["calibrated_floor"] == 0.0
+
+
+def test_ece_sampling_ratio_against_a_reference():
+    rng = np.random.default_rng(2)
+    p = _sharp_probs(rng, 200, 2)
+    y = rng.integers(0, 2, size=200)
+    same = M.ece_sampling(y, p, reference=p, draws=200)
+    assert same["ratio"] == pytest.approx(1.0) and same["ratio_interval"] == pytest.approx([1.0, 1.0])
+    softer = (p + 0.5) / 2.0  # halfway to uniform
+    out = M.ece_sampling(y, softer, reference=p, draws=300)
+    assert out["reference_ece"] == pytest.approx(M.ece(y, p))
+    assert out["ratio"] == pytest.approx(M.ece(y, softer) / M.ece(y, p))
+    lo, hi = out["ratio_interval"]
+    assert lo <= out["ratio"] <= hi
+    with pytest.raises(ValueError, match="reference"):
+        M.ece_sampling(y, p, reference=np.full((200, 3), 1 / 3))
+    with pytest.raises(ValueError, match="draws"):
+        M.ece_sampling(y, p, draws=0)
+    with pytest.raises(ValueError, match="level"):
+        M.ece_sampling(y, p, level=1.0)
