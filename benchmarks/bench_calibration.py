@@ -25,7 +25,8 @@ a 7B model reports several-fold ECE reductions. Also recorded: the peak memory o
 the training's, and SVGD's time per optimizer step and peak memory for 1, 2 and ``--particles``
 particles (short runs of ``--scaling-steps`` steps on the first 64 training records); and the same
 adapter's Laplace posterior with its curvature from a random ``--curvature-share`` (half) of the training
-records (``kfac_samples``), its time and calibration.
+records (``kfac_samples``; a second fit of the same recipe and seed, which trains the same adapter:
+``adapter_max_abs_diff``), its time and calibration.
 
 ECE on 200 test records is noisy and biased upwards, so every row also carries ``ece_sampling``
 (``lmtune.metrics.ece_sampling``): the bootstrap interval of its ECE, the paired bootstrap interval of its
@@ -75,9 +76,6 @@ def split(ds, share: float, seed: int):
             Dataset.from_records([ds.records[i] for i in val], name=f"{ds.path}[val]"))
 
 
-PROBS: dict[int, np.ndarray] = {}  # id(row) -> the row's test probabilities, for the sampling analysis
-
-
 def metrics(est, test) -> dict:
     from lmtune.evaluate import evaluate_logits
     from lmtune.methods.base import softmax
@@ -85,9 +83,9 @@ def metrics(est, test) -> dict:
     t0 = time.perf_counter()
     logits, _, y, ds = est.label_logits(test, labeled=True)
     m = evaluate_logits(est, ds, logits, logits, y)["metrics"]  # (its own logits as the unused zero-shot ones)
-    row = {**{k: m[k] for k in KEYS}, "predict_seconds": time.perf_counter() - t0}
-    PROBS[id(row)] = (softmax(logits), np.asarray(y))
-    return row
+    # the test probabilities ride along (copied into rows built from this one) until sampling_analysis
+    return {**{k: m[k] for k in KEYS}, "predict_seconds": time.perf_counter() - t0,
+            "_probs": softmax(logits), "_y": np.asarray(y)}
 
 
 def sampling_analysis(rows: dict, reference: str, draws: int = 4000) -> None:
@@ -96,10 +94,11 @@ def sampling_analysis(rows: dict, reference: str, draws: int = 4000) -> None:
     the paired interval of its ratio to ``reference``'s ECE."""
     from lmtune.metrics import ece_sampling
 
-    ref_probs, _ = PROBS[id(rows[reference])]
+    ref_probs = rows[reference]["_probs"]
     for row in rows.values():
-        probs, y = PROBS[id(row)]
-        row["ece_sampling"] = ece_sampling(y, probs, draws=draws, reference=ref_probs)
+        row["ece_sampling"] = ece_sampling(row["_y"], row["_probs"], draws=draws, reference=ref_probs)
+    for row in rows.values():
+        del row["_probs"], row["_y"]
 
 
 def main() -> None:
@@ -151,15 +150,17 @@ def main() -> None:
     rows["lora + laplace (mc, prior on validation)"] = {**metrics(la, test), "prior_precision": tuning["chosen"]}
     la.posterior_.prior_precision = delta
     sampled = None
-    if args.curvature_share < 1.0:  # the same adapter's posterior from a random part of the training set
-        from lmtune.laplace import fit_lora_laplace
-
-        full_post, full_info = la.posterior_, la.posterior_info_
-        la.kfac_samples = max(1, round(args.curvature_share * len(fit_ds)))
-        la.posterior_, sampled = fit_lora_laplace(la, fit_ds)
-        rows[f"lora + laplace (mc, curvature on {la.kfac_samples})"] = {
-            **metrics(la, test), "prior_precision": la.posterior_.prior_precision}
-        la.posterior_, la.posterior_info_, la.kfac_samples = full_post, full_info, None
+    if args.curvature_share < 1.0:
+        # the same recipe and seed (seeded training: the same adapter, checked below) with the curvature from a
+        # random part of the training set, timed as fit runs it (reusing the frozen layers' activations)
+        k = max(1, round(args.curvature_share * len(fit_ds)))
+        log(f"the same LoRA, Laplace curvature on {k} of {len(fit_ds)} records ...")
+        half = lmtune.LoraClassifier(lm, task, bayes="laplace", kfac_samples=k, progress=False, **lora_cfg).fit(fit_ds)
+        sampled = half.posterior_info_
+        sampled["adapter_max_abs_diff"] = max(float((half.posterior_.theta[n] - la.posterior_.theta[n]).abs().max())
+                                              for n in la.posterior_.theta)
+        rows[f"lora + laplace (mc, curvature on {k})"] = {**metrics(half, test),
+                                                          "prior_precision": half.posterior_.prior_precision}
     hist = la.fit_info_["train"]["history"]
     epoch_s = [h["seconds"] for h in hist]
     post = la.posterior_info_
@@ -175,9 +176,10 @@ def main() -> None:
         "sampled_curvature": None if sampled is None else {
             "examples": sampled["curvature_examples"], "seconds": sampled["seconds"],
             "over_epoch": sampled["seconds"] / float(np.mean(epoch_s)),
-            "prior_precision": sampled["prior_precision"], "prior_at_bound": sampled["prior_at_bound"]},
+            "prior_precision": sampled["prior_precision"], "prior_at_bound": sampled["prior_at_bound"],
+            "adapter_max_abs_diff": sampled["adapter_max_abs_diff"]},
     }
-    log(json.dumps({k: rows[k] for k in rows}, indent=1))
+    log(json.dumps({k: {f: v for f, v in row.items() if not f.startswith("_")} for k, row in rows.items()}, indent=1))
 
     svgd = None
     if not args.no_svgd:
