@@ -27,3 +27,22 @@ def assert_same_values_and_gradients(est, lm, run_a, run_b, atol=1e-5, rtol=1e-4
     for name in ga:
         torch.testing.assert_close(ga[name], gb[name], atol=atol, rtol=rtol, msg=name)
     assert any(g.abs().sum() > 0 for g in ga.values())
+
+
+def briefly_trained(lm, method: str, kw: dict, n_prompts: int = 6):
+    """A ``method`` estimator trained 2 steps on 16 built-in reviews, under a task whose prompts share a long
+    prefix; returns it with its first ``n_prompts`` prompts' token ids, the label-token ids and the layer
+    below which it is frozen (for comparing two ways of running its forward)."""
+    from lmtune.data import Dataset, open_data
+    from lmtune.methods import METHODS
+    from lmtune.tasks import ClassificationTask
+
+    tr = open_data("builtin:reviews:train")
+    small = Dataset(tr.records[:16], tr.lines[:16], tr.path)
+    task = ClassificationTask("Read the product review below and judge its sentiment carefully.\n"
+                              "Review: {text}\nIs this review positive? Answer yes or no.",
+                              {"negative": "no", "positive": "yes"})
+    est = METHODS[method](lm, task, epochs=1, max_steps=2, lr=1e-2, progress=False, cache=False, seed=0,
+                          **kw).fit(small)
+    seqs = task.encode(lm.tokenizer, small).input_ids[:n_prompts]
+    return est, seqs, torch.tensor(task.label_token_ids(lm.tokenizer)), est._frozen_below(lm)

@@ -11,7 +11,7 @@ from lmtune.data import Dataset, open_data
 from lmtune.methods import METHODS
 from lmtune.methods.tuned import _checkpointing, backbone_of
 
-from _exactness import assert_same_values_and_gradients
+from _exactness import assert_same_values_and_gradients, briefly_trained
 
 
 @contextlib.contextmanager
@@ -60,33 +60,24 @@ def test_final_layer_at_the_read_positions_equals_the_full_layer(tiny_lm, impl, 
     assert float(out_at[1, 0].abs().sum()) == 0.0  # a position not read was not computed: the shortcut ran
 
 
-@pytest.fixture(scope="module")
-def small():
-    tr = open_data("builtin:reviews:train")
-    return Dataset(tr.records[:16], tr.lines[:16], tr.path)
-
-
 @pytest.mark.parametrize("method, kw", [("lora", {"dropout": 0.0}), ("lora", {"dropout": 0.0, "layers": 1}),
                                         ("prompt-tuning", {"virtual_tokens": 3}), ("adapter", {}),
                                         ("full", {}), ("last-layers", {"layers": 1})])
 @pytest.mark.parametrize("share", [True, False])
-def test_classifier_forward_with_the_short_final_layer_is_exact(tiny_lm, small, method, kw, share):
-    from lmtune.tasks import ClassificationTask
-
-    task = ClassificationTask("Read the product review below and judge its sentiment carefully.\n"
-                              "Review: {text}\nIs this review positive? Answer yes or no.",
-                              {"negative": "no", "positive": "yes"})
-    est = METHODS[method](tiny_lm, task, epochs=1, max_steps=2, lr=1e-2, progress=False, cache=False, seed=0,
-                          **kw).fit(small)
-    seqs = task.encode(tiny_lm.tokenizer, small).input_ids[:6]
-    label_ids = torch.tensor(task.label_token_ids(tiny_lm.tokenizer))
-    start = est._frozen_below(tiny_lm)
+def test_classifier_forward_with_the_short_final_layer_is_exact(tiny_lm, method, kw, share):
+    est, seqs, label_ids, start = briefly_trained(tiny_lm, method, kw)
 
     def run(last_only):
         lower = est._lower_cache(tiny_lm, seqs, start) if start else None
         return est._forward(tiny_lm, seqs, label_ids, lower, start, share_prefix=share, last_only=last_only)
 
     assert_same_values_and_gradients(est, tiny_lm, lambda: run(True), lambda: run(False))
+
+
+@pytest.fixture(scope="module")
+def small():
+    tr = open_data("builtin:reviews:train")
+    return Dataset(tr.records[:16], tr.lines[:16], tr.path)
 
 
 def test_short_final_layer_under_activation_checkpointing(tiny_lm, small):

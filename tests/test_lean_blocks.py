@@ -8,12 +8,10 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from lmtune.data import Dataset, open_data
 from lmtune.lean_blocks import GQA_SDPA, SwiGLU, gqa_sdpa_forward, lean_blocks
-from lmtune.methods import METHODS
 from lmtune.methods.tuned import _checkpointing, backbone_of
 
-from _exactness import assert_same_values_and_gradients
+from _exactness import assert_same_values_and_gradients, briefly_trained
 
 
 def test_swiglu_matches_autograd_bit_for_bit():
@@ -169,29 +167,14 @@ def test_lean_blocks_stand_aside_under_activation_checkpointing(tiny_lm):
         _checkpointing(tiny_lm.model, False)
 
 
-@pytest.fixture(scope="module")
-def small():
-    tr = open_data("builtin:reviews:train")
-    return Dataset(tr.records[:16], tr.lines[:16], tr.path)
-
-
 @pytest.mark.parametrize("method, kw", [("lora", {"dropout": 0.0, "target": "q_proj,v_proj,gate_proj,down_proj"}),
                                         ("lora", {"dropout": 0.0, "layers": 1}),
                                         ("prompt-tuning", {"virtual_tokens": 3}), ("adapter", {}),
                                         ("full", {}), ("norm-tuning", {})])
 @pytest.mark.parametrize("share", [True, False])
-def test_classifier_forward_with_lean_blocks_is_exact(tiny_lm, small, monkeypatch, method, kw, share):
+def test_classifier_forward_with_lean_blocks_is_exact(tiny_lm, monkeypatch, method, kw, share):
     import lmtune.methods.tuned as tuned
-    from lmtune.tasks import ClassificationTask
-
-    task = ClassificationTask("Read the product review below and judge its sentiment carefully.\n"
-                              "Review: {text}\nIs this review positive? Answer yes or no.",
-                              {"negative": "no", "positive": "yes"})
-    est = METHODS[method](tiny_lm, task, epochs=1, max_steps=2, lr=1e-2, progress=False, cache=False, seed=0,
-                          **kw).fit(small)
-    seqs = task.encode(tiny_lm.tokenizer, small).input_ids[:6]
-    label_ids = torch.tensor(task.label_token_ids(tiny_lm.tokenizer))
-    start = est._frozen_below(tiny_lm)
+    est, seqs, label_ids, start = briefly_trained(tiny_lm, method, kw)
     used = []
 
     def counting(bb):
