@@ -28,9 +28,7 @@ import sys
 
 import torch
 
-from lmtune.lean_blocks import SDPA_LIKE
-
-SUPPORTED_MODEL_TYPES = ("llama", "mistral", "qwen2")
+from lmtune.lean_blocks import SDPA_LIKE, SUPPORTED_MODEL_TYPES
 
 
 def supported(backbone) -> bool:

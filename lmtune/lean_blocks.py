@@ -39,6 +39,7 @@ the block has ended, and must save what the forward saved.
 from __future__ import annotations
 
 import contextlib
+import functools
 
 import torch
 import torch.nn.functional as F
@@ -84,7 +85,9 @@ def gqa_sdpa_forward(module, query, key, value, attention_mask, dropout: float =
     return out.transpose(1, 2).contiguous(), None
 
 
+@functools.lru_cache(maxsize=None)
 def _register() -> None:
+    """Register ``lmtune_sdpa`` with transformers (once per process)."""
     from transformers import AttentionInterface
     from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
 

@@ -416,9 +416,7 @@ def reliability(y_true, probs, n_bins: int = 15) -> dict:
     """
     b = _check_n_bins(n_bins)
     y, p = _check_probs(y_true, probs)
-    pred = np.argmax(p, axis=1)
-    conf = p[np.arange(y.shape[0]), pred]
-    correct = (pred == y).astype(np.float64)
+    conf, correct = _top_label(y, p)
     edges = np.linspace(0.0, 1.0, b + 1)
     idx = _bin_index(conf, edges)
     counts = np.bincount(idx, minlength=b).astype(np.int64)
@@ -460,6 +458,12 @@ def ece(y_true, probs, n_bins: int = 15) -> float:
     n = counts.sum()
     gaps = np.abs(rel["accuracy"][nonempty] - rel["confidence"][nonempty])
     return float(np.sum(counts[nonempty] / n * gaps))
+
+
+def _top_label(y: np.ndarray, p: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Top-label confidence and correctness (1.0 or 0.0) of each row (the argmax, ties to the lowest index)."""
+    pred = np.argmax(p, axis=1)
+    return p[np.arange(y.shape[0]), pred], (pred == y).astype(np.float64)
 
 
 def _ece_rows(conf: np.ndarray, correct: np.ndarray, n_bins: int) -> np.ndarray:
@@ -511,9 +515,7 @@ def ece_sampling(y_true, probs, n_bins: int = 15, draws: int = 2000, level: floa
         raise ValueError(f"level must be in (0, 1), got {level}")
     rng = np.random.default_rng(seed)
     N = y.shape[0]
-    pred = np.argmax(p, axis=1)
-    conf = p[np.arange(N), pred]
-    correct = (pred == y).astype(np.float64)
+    conf, correct = _top_label(y, p)
     lo, hi = (1.0 - level) / 2.0, 1.0 - (1.0 - level) / 2.0
     rows = rng.integers(0, N, size=(draws, N))
     boot = _ece_rows(conf[rows], correct[rows], b)
@@ -527,9 +529,7 @@ def ece_sampling(y_true, probs, n_bins: int = 15, draws: int = 2000, level: floa
         _, r = _check_probs(y_true, reference)
         if r.shape != p.shape:
             raise ValueError(f"reference must have the shape of probs {p.shape}, got {r.shape}")
-        rpred = np.argmax(r, axis=1)
-        rconf = r[np.arange(N), rpred]
-        rcorrect = (rpred == y).astype(np.float64)
+        rconf, rcorrect = _top_label(y, r)
         ref_boot = _ece_rows(rconf[rows], rcorrect[rows], b)
         ok = ref_boot > 0
         ratio = boot[ok] / ref_boot[ok]
