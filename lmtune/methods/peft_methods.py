@@ -27,7 +27,9 @@ Departures from PEFT's defaults, and why:
   against 1.51 s, medians of an A/B in one process). While training on the CPU, lmtune swaps PEFT's
   ``nn.Dropout`` modules for one that draws ``rand >= p`` from the same generator and keeps a boolean
   mask for the backward pass: the same distribution (each element kept with probability ``1 - p``,
-  scaled by ``1 / (1 - p)``), not the same draws. CUDA keeps torch's fused kernel.
+  scaled by ``1 / (1 - p)``), not the same draws. CUDA keeps torch's fused kernel. In the plain case
+  (one vanilla adapter, no hooks) the whole branch runs as one function that draws only the dropped
+  positions (:mod:`lmtune.lean_lora`); FastDropout serves the other cases.
 """
 
 from __future__ import annotations
@@ -43,6 +45,7 @@ from pathlib import Path
 import torch
 
 from lmtune.errors import LmtuneError
+from lmtune.lean_lora import lean_lora
 from lmtune.methods.tuned import TunedClassifier, backbone_of, n_layers
 from lmtune.models import DEFAULT_MODEL, LM
 
@@ -178,6 +181,7 @@ class PeftClassifier(TunedClassifier):
             self._prepare(pm, lm)
             if lm.device.type == "cpu":
                 use_fast_dropout(pm)
+                lean_lora(pm)
             if backup is not None:
                 self._init_dir = _private_dir(self)
                 pm.peft_config["default"].init_lora_weights = True  # reloading must not redo the SVD
