@@ -78,10 +78,10 @@ def test_disk_cache_round_trip(tiny_lm, prompts, monkeypatch):
     assert not list(features.feature_cache_path().glob(".tmp-*"))
 
 
-@pytest.mark.parametrize("how", ["row", "cache"])
+@pytest.mark.parametrize("how", ["slots", "row", "cache"])
 @pytest.mark.parametrize("part", ["all layers", "top layer", "checkpointed", "eager attention"])
 def test_continue_shared_head_equals_full_rows_in_value_and_gradient(tiny_lm, how, part):
-    """Both ways of running a shared head once give every row's final states, and the gradients with
+    """Every way of running a shared head once gives every row's final states, and the gradients with
     respect to the head and the rows' inputs, of running each row in full."""
     from lmtune.features import continue_shared_head
     from lmtune.methods.tuned import _checkpointing, backbone_of, layer_range
@@ -125,3 +125,37 @@ def test_continue_shared_head_equals_full_rows_in_value_and_gradient(tiny_lm, ho
     for a, b in zip(shared, plain):
         torch.testing.assert_close(a, b, atol=1e-5, rtol=1e-4)
     assert shared[1].abs().sum() > 0  # the rows' loss reaches the head
+
+
+@pytest.mark.parametrize("H, lengths", [(5, [9, 6, 7]), (6, [9, 8, 9]), (12, [3, 2, 3]), (3, [4, 4, 4]),
+                                        (2, [1, 6, 2])])
+def test_head_in_the_padding_fits_any_geometry(tiny_lm, H, lengths):
+    """The slots way with the padding exactly filled, widened by 2 columns, a head longer than every row,
+    no padding at all, and more padding than head: the rows' states and gradients of running them in full."""
+    from lmtune.features import _slots_width, continue_shared_head
+    from lmtune.methods.tuned import backbone_of
+
+    bb = backbone_of(tiny_lm)
+    d = bb.config.hidden_size
+    gen = torch.Generator().manual_seed(3)
+    B, T = len(lengths), max(lengths)
+    head0, rows0 = torch.randn(1, H, d, generator=gen), torch.randn(B, T, d, generator=gen)
+    mask = (torch.arange(T)[None] < torch.tensor(lengths)[:, None]).long()
+    weight = torch.randn(B, T, d, generator=gen) * mask[:, :, None]
+    free = B * T - sum(lengths)
+    assert _slots_width(mask, H) == T + max(0, -(-(H - free) // B))
+
+    def run(shared):
+        head, rows = head0.clone().requires_grad_(True), rows0.clone().requires_grad_(True)
+        if shared:
+            out = continue_shared_head(bb, head, rows, mask, how="slots")
+        else:
+            full = torch.cat([head.expand(B, -1, -1), rows], dim=1)
+            full_mask = torch.cat([torch.ones(B, H, dtype=mask.dtype), mask], dim=1)
+            out = bb(inputs_embeds=full, attention_mask=full_mask, use_cache=False).last_hidden_state[:, H:]
+        assert out.shape == (B, T, d)
+        (out * weight).sum().backward()
+        return out.detach() * mask[:, :, None], head.grad, rows.grad
+
+    for a, b in zip(run(True), run(False)):
+        torch.testing.assert_close(a, b, atol=1e-5, rtol=1e-4)

@@ -25,7 +25,7 @@ def attention(lm, impl):
 
 
 @pytest.mark.parametrize("impl", ["sdpa", "eager"])
-@pytest.mark.parametrize("how", ["plain", "row", "cache"])
+@pytest.mark.parametrize("how", ["plain", "slots", "row", "cache"])
 def test_final_layer_at_the_read_positions_equals_the_full_layer(tiny_lm, impl, how):
     from lmtune.features import continue_shared_head
     from lmtune.last_layer import final_layer_at, supported

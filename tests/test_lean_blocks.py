@@ -98,7 +98,7 @@ def _saved_activation_bytes(bb, run) -> int:
     return sum(seen.values())
 
 
-@pytest.mark.parametrize("how", ["plain", "row", "cache"])
+@pytest.mark.parametrize("how", ["plain", "slots", "row", "cache"])
 def test_lean_blocks_are_exact_save_less_and_restore_the_model(tiny_lm, how):
     from lmtune.features import continue_shared_head
 

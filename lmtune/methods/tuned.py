@@ -27,9 +27,9 @@ Design
 * **The prompt prefix runs once per batch.** Every prompt of a task begins with the same tokens (the chat
   template's system turn, the instruction before ``{text}``): about 40% of the tokens of the built-in
   task. :meth:`TunedClassifier._forward` runs the batch's common token prefix (and prompt tuning's
-  virtual tokens) once, with gradients: as one more row of the batch whose first keys and values every
-  row's attention reads, or as a separate pass of one whose keys and values are broadcast over the batch
-  (:func:`lmtune.features.continue_shared_head`). Exact in value and gradient, since the
+  virtual tokens) once, with gradients: in the batch's padding positions (widened when they are too few),
+  from where every row's attention reads its keys and values, or as a separate pass of one whose keys and
+  values are broadcast over the batch (:func:`lmtune.features.continue_shared_head`). Exact in value and gradient, since the
   prefix's activations are the same in every row; with dropout on, the rows share the prefix's
   dropout mask. It saves the backbone's compute and stored activations for ``(B - 1) * P`` tokens per
   batch, also under activation checkpointing (:func:`lmtune.features.continue_shared_head`). Off for
