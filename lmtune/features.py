@@ -138,7 +138,8 @@ def continue_shared_head(backbone, head: torch.Tensor, embeds: torch.Tensor, mas
     one copy serves all, and under autograd the gradients the rows send it are summed. Three ways:
 
     * ``"slots"`` (the default when the attention is sdpa or eager): the head's H tokens ride in the
-      batch's padding. They take the first H padding positions after the rows' ends (row by row), and
+      batch's padding. They take its first H padding positions in row-major order (after the rows' ends
+      with right padding), and
       when the padding holds fewer than H the batch is widened by ``ceil(missing / B)`` columns. Each
       layer's attention reads the head's keys and values from those positions and puts them before every
       row's own (a cache object whose ``update`` gathers them and stores nothing), under a 4D mask lmtune
@@ -201,21 +202,20 @@ def continue_shared_head(backbone, head: torch.Tensor, embeds: torch.Tensor, mas
 
 
 def _slots_width(mask: torch.Tensor, H: int) -> int:
-    """The batch width that leaves at least ``H`` padding positions after the rows' ends."""
+    """The batch width that leaves at least ``H`` padding positions (widening columns count as padding)."""
     B, T = mask.shape
     free = B * T - int(mask.sum())
     return T + max(0, -(-(H - free) // B))
 
 
 def _head_in_slots(backbone, head, embeds, mask, checkpointed) -> torch.Tensor:
-    """``continue_shared_head``'s ``"slots"`` way (see there). ``mask`` must be right-padded."""
+    """``continue_shared_head``'s ``"slots"`` way (see there)."""
     B, T = mask.shape
     H = head.shape[1]
     device = mask.device
     W = _slots_width(mask, H)
-    lengths = mask.sum(dim=1)
     col = torch.arange(W, device=device)
-    real = col[None] < lengths[:, None]  # (B, W)
+    real = torch.nn.functional.pad(mask.bool(), (0, W - T))  # (B, W); the widening columns are padding
     slots = (~real).reshape(-1).nonzero().squeeze(1)[:H]  # flat positions of head tokens 0..H-1
     j = torch.arange(H, device=device)
     rows = torch.nn.functional.pad(embeds, (0, 0, 0, W - T)).reshape(B * W, -1)

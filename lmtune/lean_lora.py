@@ -79,7 +79,7 @@ def dropped_positions(n: int, p: float, generator: torch.Generator | None = None
 def _dropped_copy(x2: torch.Tensor, pos: torch.Tensor | None) -> torch.Tensor:
     if pos is None:
         return x2
-    xd = x2.clone()
+    xd = x2.clone(memory_format=torch.contiguous_format)  # pos indexes the row-major order
     xd.view(-1).index_fill_(0, pos, 0.0)
     return xd
 

@@ -159,3 +159,22 @@ def test_head_in_the_padding_fits_any_geometry(tiny_lm, H, lengths):
 
     for a, b in zip(run(True), run(False)):
         torch.testing.assert_close(a, b, atol=1e-5, rtol=1e-4)
+
+
+def test_head_in_the_padding_with_left_padded_rows(tiny_lm):
+    """Padding on the left is padding too: the head may sit there, and the rows still match."""
+    from lmtune.features import continue_shared_head
+    from lmtune.methods.tuned import backbone_of
+
+    bb = backbone_of(tiny_lm)
+    d = bb.config.hidden_size
+    gen = torch.Generator().manual_seed(4)
+    H, B, T = 4, 3, 6
+    head0, rows0 = torch.randn(1, H, d, generator=gen), torch.randn(B, T, d, generator=gen)
+    mask = torch.tensor([[0, 0, 1, 1, 1, 1], [1, 1, 1, 1, 1, 1], [0, 1, 1, 1, 1, 1]])
+    full = torch.cat([head0.expand(B, -1, -1), rows0], dim=1)
+    full_mask = torch.cat([torch.ones(B, H, dtype=mask.dtype), mask], dim=1)
+    with torch.no_grad():
+        want = bb(inputs_embeds=full, attention_mask=full_mask, use_cache=False).last_hidden_state[:, H:]
+        got = continue_shared_head(bb, head0, rows0, mask, how="slots")
+    torch.testing.assert_close(got * mask[:, :, None], want * mask[:, :, None], atol=1e-5, rtol=1e-4)

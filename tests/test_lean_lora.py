@@ -98,6 +98,17 @@ def test_branch_matches_the_module_path_with_the_same_dropped_positions(dropout)
         assert bool((outs[0][1].reshape(-1)[pos] == 0).all())  # no gradient through a dropped element
 
 
+def test_branch_takes_a_non_contiguous_input():
+    gen = torch.Generator().manual_seed(2)
+    x = torch.randn(20, 12, generator=gen).t()  # (12, 20), strides (1, 12)
+    A, B = torch.randn(3, 20, generator=gen), torch.randn(5, 3, generator=gen)
+    pos = dropped_positions(x.numel(), 0.25, gen)
+    keep = torch.ones(x.numel(), dtype=torch.bool)
+    keep[pos] = False
+    torch.testing.assert_close(LoraBranch.apply(x, A, B, pos, 1 / 0.75, 2.0),
+                               _reference(x, A, B, keep.view(x.shape), 1 / 0.75, 2.0))
+
+
 def test_branch_gradcheck():
     gen = torch.Generator().manual_seed(1)
     x = torch.randn(2, 5, 6, dtype=torch.float64, generator=gen, requires_grad=True)
