@@ -26,6 +26,7 @@ Memory stays O(batch) in N: with the cache on, ``Z`` and ``L`` are written strai
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import hashlib
 import json
@@ -164,11 +165,12 @@ def continue_shared_head(backbone, head: torch.Tensor, embeds: torch.Tensor, mas
     checkpointed = [layer for layer in layers if getattr(layer, "gradient_checkpointing", False)]
     config = backbone.config
     window = getattr(config, "sliding_window", None)
+    W = _slots_width(mask, H) if how in ("auto", "slots") else T
     if how == "auto":
         masks_ok = getattr(config, "_attn_implementation", None) in (*SDPA_LIKE, "eager")
-        how = "slots" if masks_ok and (window is None or window >= H + _slots_width(mask, H)) else "cache"
+        how = "slots" if masks_ok and (window is None or window >= H + W) else "cache"
     if how == "slots":
-        return _head_in_slots(backbone, head, embeds, mask, checkpointed)
+        return _head_in_slots(backbone, head, embeds, mask, W, checkpointed)
     if how == "row":
         return _head_as_row(backbone, head, embeds, mask, checkpointed)
     from transformers import DynamicCache
@@ -189,13 +191,21 @@ def continue_shared_head(backbone, head: torch.Tensor, embeds: torch.Tensor, mas
           for layer in cache.layers]
     kv = [(k.expand(B, -1, -1, -1), v.expand(B, -1, -1, -1)) for k, v in kv]
     full_mask = torch.cat([torch.ones((B, H), dtype=mask.dtype, device=mask.device), mask], dim=1)
-    for layer in checkpointed:
-        layer._can_checkpoint_with_cache = True  # read-only cache: see the docstring
-    try:
+    with _checkpointing_reads_cache(checkpointed):
         return backbone(inputs_embeds=embeds, attention_mask=full_mask,
                         past_key_values=_head_cache_class()(ddp_cache_data=kv, config=backbone.config),
                         position_ids=(H + torch.arange(T, device=mask.device)).expand(B, -1),
                         use_cache=True).last_hidden_state
+
+
+@contextlib.contextmanager
+def _checkpointing_reads_cache(checkpointed: list):
+    """Let checkpointed layers run with a cache: lmtune's head caches store nothing, so a recomputation in
+    the backward pass reads the same keys again (see :func:`continue_shared_head`)."""
+    for layer in checkpointed:
+        layer._can_checkpoint_with_cache = True
+    try:
+        yield
     finally:
         for layer in checkpointed:
             del layer._can_checkpoint_with_cache
@@ -208,12 +218,11 @@ def _slots_width(mask: torch.Tensor, H: int) -> int:
     return T + max(0, -(-(H - free) // B))
 
 
-def _head_in_slots(backbone, head, embeds, mask, checkpointed) -> torch.Tensor:
-    """``continue_shared_head``'s ``"slots"`` way (see there)."""
+def _head_in_slots(backbone, head, embeds, mask, W: int, checkpointed) -> torch.Tensor:
+    """``continue_shared_head``'s ``"slots"`` way (see there); ``W`` is :func:`_slots_width`."""
     B, T = mask.shape
     H = head.shape[1]
     device = mask.device
-    W = _slots_width(mask, H)
     col = torch.arange(W, device=device)
     real = torch.nn.functional.pad(mask.bool(), (0, W - T))  # (B, W); the widening columns are padding
     slots = (~real).reshape(-1).nonzero().squeeze(1)[:H]  # flat positions of head tokens 0..H-1
@@ -226,42 +235,9 @@ def _head_in_slots(backbone, head, embeds, mask, checkpointed) -> torch.Tensor:
     sees_head = (real[..., None] | (j <= head_index[..., None])
                  | (unused[..., None] & (j == 0)))  # (B, W, H); an unused position reads key 0, to stay finite
     own = real[:, :, None] & real[:, None, :] & (col[:, None] >= col[None, :])  # (B, W, W)
-    allowed = torch.cat([sees_head, own], dim=2)[:, None]  # (B, 1, W, H + W)
-    mask4 = torch.zeros(allowed.shape, dtype=rows.dtype, device=device).masked_fill(
-        ~allowed, torch.finfo(rows.dtype).min)
-    for layer in checkpointed:
-        layer._can_checkpoint_with_cache = True  # the cache stores nothing: a recomputation reads the same keys
-    try:
-        h = backbone(inputs_embeds=rows, attention_mask=mask4, position_ids=positions,
-                     past_key_values=_head_slots_cache_class()(slots // W, slots % W, config=backbone.config),
-                     use_cache=True).last_hidden_state
-    finally:
-        for layer in checkpointed:
-            del layer._can_checkpoint_with_cache
+    h = _run_with_gathered_head(backbone, rows, torch.cat([sees_head, own], dim=2), positions,
+                                slots // W, slots % W, checkpointed)
     return h[:, :T]
-
-
-@functools.lru_cache(maxsize=None)
-def _head_slots_cache_class():
-    """The cache of the ``"slots"`` way: every row's keys/values get the head's, gathered from its slots,
-    prepended."""
-    from transformers import DynamicCache
-
-    class HeadSlotsCache(DynamicCache):
-        def __init__(self, slot_rows: torch.Tensor, slot_cols: torch.Tensor, **kwargs):
-            super().__init__(**kwargs)
-            self.slot_rows, self.slot_cols = slot_rows, slot_cols
-
-        def update(self, key_states, value_states, layer_idx, *args, **kwargs):
-            n = key_states.shape[0]
-
-            def with_head(t):  # t[rows, :, cols] is (H, heads, D)
-                h = t[self.slot_rows, :, self.slot_cols].transpose(0, 1)[None]
-                return torch.cat([h.expand(n, -1, -1, -1), t], dim=-2)
-
-            return with_head(key_states), with_head(value_states)
-
-    return HeadSlotsCache
 
 
 def _head_as_row(backbone, head, embeds, mask, checkpointed) -> torch.Tensor:
@@ -275,38 +251,46 @@ def _head_as_row(backbone, head, embeds, mask, checkpointed) -> torch.Tensor:
     own = (q[:, None] >= q[None, :])[None] & valid[:, None, :]  # (B + 1, T, T): causal over valid keys
     sees_head = torch.ones((B + 1, T, H), dtype=torch.bool, device=device)
     sees_head[0] = False  # the head row reads its own keys in place
-    allowed = torch.cat([sees_head, own], dim=2)[:, None]  # (B + 1, 1, T, H + T)
-    blocked = torch.finfo(rows.dtype).min
-    mask4 = torch.zeros(allowed.shape, dtype=rows.dtype, device=device).masked_fill(~allowed, blocked)
     positions = torch.cat([q[None], (H + q)[None].expand(B, -1)], dim=0)
-    for layer in checkpointed:
-        layer._can_checkpoint_with_cache = True  # the cache stores nothing: a recomputation reads the same keys
-    try:
-        h = backbone(inputs_embeds=rows, attention_mask=mask4, position_ids=positions,
-                     past_key_values=_head_row_cache_class()(H, config=backbone.config),
-                     use_cache=True).last_hidden_state
-    finally:
-        for layer in checkpointed:
-            del layer._can_checkpoint_with_cache
+    h = _run_with_gathered_head(backbone, rows, torch.cat([sees_head, own], dim=2), positions,
+                                torch.zeros(H, dtype=torch.long, device=device), q[:H], checkpointed)
     return h[1:]
 
 
+def _run_with_gathered_head(backbone, rows, allowed, positions, slot_rows, slot_cols, checkpointed):
+    """One pass over ``rows`` (N, W, d) whose head tokens sit at ``(slot_rows, slot_cols)``: every row's
+    attention reads the head's keys and values, gathered from there, before its own, as ``allowed``
+    (N, W, H + W) says."""
+    blocked = torch.finfo(rows.dtype).min
+    mask4 = torch.zeros(allowed[:, None].shape, dtype=rows.dtype, device=rows.device).masked_fill(
+        ~allowed[:, None], blocked)
+    with _checkpointing_reads_cache(checkpointed):
+        return backbone(inputs_embeds=rows, attention_mask=mask4, position_ids=positions,
+                        past_key_values=_gathered_head_cache_class()(slot_rows, slot_cols, config=backbone.config),
+                        use_cache=True).last_hidden_state
+
+
 @functools.lru_cache(maxsize=None)
-def _head_row_cache_class():
-    """The cache of the ``"row"`` way: every row's keys/values get the head row's first H prepended."""
+def _gathered_head_cache_class():
+    """The cache of the ``"slots"`` and ``"row"`` ways: every row's keys/values get the head's, gathered
+    from its positions, prepended; it stores nothing."""
     from transformers import DynamicCache
 
-    class HeadRowCache(DynamicCache):
-        def __init__(self, head_length: int, **kwargs):
+    class GatheredHeadCache(DynamicCache):
+        def __init__(self, slot_rows: torch.Tensor, slot_cols: torch.Tensor, **kwargs):
             super().__init__(**kwargs)
-            self.head_length = head_length
+            self.slot_rows, self.slot_cols = slot_rows, slot_cols
 
         def update(self, key_states, value_states, layer_idx, *args, **kwargs):
-            n, H = key_states.shape[0], self.head_length
-            return (torch.cat([key_states[:1, :, :H].expand(n, -1, -1, -1), key_states], dim=-2),
-                    torch.cat([value_states[:1, :, :H].expand(n, -1, -1, -1), value_states], dim=-2))
+            n = key_states.shape[0]
 
-    return HeadRowCache
+            def with_head(t):  # t[rows, :, cols] is (H, heads, D)
+                h = t[self.slot_rows, :, self.slot_cols].transpose(0, 1)[None]
+                return torch.cat([h.expand(n, -1, -1, -1), t], dim=-2)
+
+            return with_head(key_states), with_head(value_states)
+
+    return GatheredHeadCache
 
 
 @functools.lru_cache(maxsize=None)

@@ -88,7 +88,7 @@ def _dropped_copy(x2: torch.Tensor, pos: torch.Tensor | None) -> torch.Tensor:
 class LoraBranch(torch.autograd.Function):
     """``((x with the elements at pos zeroed) @ A^T * keep_scale) @ B^T * scaling`` for ``x`` (..., in),
     ``A`` (r, in), ``B`` (out, r); ``pos`` (int64, positions in ``x`` flattened) or None for no dropout.
-    Saves ``x``, the factors, ``x A^T`` (r wide) and ``pos``; see the module docstring."""
+    Saves ``x``, ``A``, ``B^T`` (contiguous), ``x A^T`` (r wide) and ``pos``; see the module docstring."""
 
     @staticmethod
     def forward(ctx, x, A, B, pos, keep_scale: float, scaling: float):
@@ -96,17 +96,18 @@ class LoraBranch(torch.autograd.Function):
         a = _dropped_copy(x2, pos) @ A.t()
         if keep_scale != 1.0:
             a.mul_(keep_scale)
-        y = (a @ B.t().contiguous()).mul_(scaling)
-        ctx.save_for_backward(x, A, B, a, pos)
+        Bt = B.t().contiguous()  # (r, out): the layout both products with B run fastest in
+        y = (a @ Bt).mul_(scaling)
+        ctx.save_for_backward(x, A, Bt, a, pos)
         ctx.keep_scale, ctx.scaling = keep_scale, scaling
         return y.view(*x.shape[:-1], B.shape[0])
 
     @staticmethod
     def backward(ctx, grad):
-        x, A, B, a, pos = ctx.saved_tensors
+        x, A, Bt, a, pos = ctx.saved_tensors
         g2 = grad.reshape(-1, grad.shape[-1])
         grad_B = (a.t() @ g2).t().mul_(ctx.scaling) if ctx.needs_input_grad[2] else None
-        ga = (g2 @ B.t().contiguous().t()).mul_(ctx.scaling * ctx.keep_scale)  # d/d(dropped x A^T)
+        ga = (g2 @ Bt.t()).mul_(ctx.scaling * ctx.keep_scale)  # d/d(dropped x A^T)
         grad_A = ga.t() @ _dropped_copy(x.reshape(-1, x.shape[-1]), pos) if ctx.needs_input_grad[1] else None
         grad_x = None
         if ctx.needs_input_grad[0]:
