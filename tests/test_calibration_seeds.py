@@ -36,6 +36,9 @@ def test_ratios_means_and_the_goal_count(seeds):
     assert la["mean_ece_ratio"] == pytest.approx(0.95)
     assert la["ratio_of_mean_ece"] == pytest.approx(0.05 / 0.07)
     assert la["seeds_meeting_goal"] == 1
+    # half the MAP's ECE: 0.05 and 0.02 against a floor of 0.05 for this row's confidences
+    assert [p["goal_below_own_floor"] for p in la["per_seed"]] == [False, True]
+    assert la["seeds_goal_below_own_floor"] == 1
     # seed 0's ratio 0.2 comes with 18 points of accuracy lost: beyond one binomial standard error
     assert s["methods"]["shaky"]["seeds_meeting_goal"] == 1
     assert s["laplace_cost"]["laplace_over_epoch"] == [1.4, 0.9]
