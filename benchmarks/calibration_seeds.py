@@ -65,7 +65,8 @@ def summarise(runs: list[dict]) -> dict:
             "seeds_meeting_goal": sum(1 for s in per_seed if s["ece_ratio"] is not None and s["ece_ratio"] <= goal
                                       and abs(s["accuracy_change"]) <= s["accuracy_noise"]),
         }
-    cost = [r["laplace_cost"] for r in runs]
+    # a cross-validated run (bench_calibration --folds) holds one cost per fold
+    cost = [c for r in runs for c in r["laplace_cost"].get("per_fold", [r["laplace_cost"]])]
     timing = {
         "laplace_over_epoch": [c["laplace_over_epoch"] for c in cost],
         "sampled_curvature_over_epoch": [c["sampled_curvature"]["over_epoch"] for c in cost
