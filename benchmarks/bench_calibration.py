@@ -98,17 +98,23 @@ def metrics(est, test) -> dict:
             "_probs": softmax(logits), "_y": np.asarray(y)}
 
 
-def sampling_analysis(rows: dict, reference: str, draws: int = 4000) -> None:
+def sampling_analysis(rows: dict, reference: str, draws: int = 4000) -> dict:
     """Each row's ECE beside the test set's sampling noise (``lmtune.metrics.ece_sampling``): its bootstrap
     interval, the ECE a calibrated model with the same confidences would score on these N records, and
-    the paired interval of its ratio to ``reference``'s ECE."""
+    the paired interval of its ratio to ``reference``'s ECE. Takes the test probabilities out of the rows
+    and returns them, with the labels, for the result's ``predictions`` (so that later analyses need no rerun)."""
     from lmtune.metrics import ece_sampling
 
     ref_probs = rows[reference]["_probs"]
+    y = rows[reference]["_y"]
     for row in rows.values():
+        if not np.array_equal(row["_y"], y):
+            raise RuntimeError("the rows scored the test records in different orders")
         row["ece_sampling"] = ece_sampling(row["_y"], row["_probs"], draws=draws, reference=ref_probs)
+    predictions = {"y": y.tolist(), "probs": {name: np.round(row["_probs"], 7).tolist() for name, row in rows.items()}}
     for row in rows.values():
         del row["_probs"], row["_y"]
+    return predictions
 
 
 def evaluate_split(lm, task, fit_ds, val_ds, test, lora_cfg, args, curvature_share: float) -> tuple[dict, dict, dict]:
@@ -302,7 +308,8 @@ def main() -> None:
         rows, laplace_cost, svgd = evaluate_split(lm, task, fit_ds, val_ds, test, lora_cfg, args, args.curvature_share)
         setup.update(n_fit=len(fit_ds), n_val=len(val_ds), n_test=len(test))
         sampled = laplace_cost["sampled_curvature"]
-        sampling_analysis(rows, "lora (MAP)")
+        predictions = sampling_analysis(rows, "lora (MAP)")
+        predictions["record"] = list(range(len(test)))  # the test split's order
         goals = goals_for(rows, len(test), [laplace_cost["laplace_over_epoch"]],
                           [sampled["over_epoch"]] if sampled else None)
     else:
@@ -328,11 +335,13 @@ def main() -> None:
                         "training_peak_rss_bytes": [c["training_peak_rss_bytes"] for c in costs]}
         svgd = None if all(s is None for s in svgd) else svgd
         setup.update(n_records=len(records), n_test=len(records), fold_sizes=[len(f) for f in folds])
-        sampling_analysis(rows, "lora (MAP)")
+        predictions = sampling_analysis(rows, "lora (MAP)")
+        # indices into the train split's records followed by the test split's, in the pooled order
+        predictions["record"] = [j for held in folds for j in held]
         sampled = [c["sampled_curvature"]["over_epoch"] for c in costs if c["sampled_curvature"]]
         goals = goals_for(rows, len(records), laplace_cost["laplace_over_epoch"], sampled or None)
     result = {"benchmark": "calibration", "environment": env, "setup": setup,
-              "rows": rows, "laplace_cost": laplace_cost, "svgd": svgd, "goals": goals}
+              "rows": rows, "laplace_cost": laplace_cost, "svgd": svgd, "goals": goals, "predictions": predictions}
     save(result, args.out or (DEFAULT_CV_OUT if args.folds else DEFAULT_OUT))
     emit(result)
 

@@ -59,8 +59,11 @@ def test_pooled_rows_score_every_held_out_record_once(bench):
         assert len(rows[name]["per_fold"]) == 2
     assert rows["lora + laplace (mc)"]["prior_precision_per_fold"] == [1.0, 1.0]
 
-    bench.sampling_analysis(rows, "lora (MAP)", draws=200)
+    predictions = bench.sampling_analysis(rows, "lora (MAP)", draws=200)
     assert "_probs" not in rows["lora (MAP)"]
+    assert predictions["y"] == np.concatenate([f["lora (MAP)"]["_y"] for f in per_fold]).tolist()
+    assert np.allclose(predictions["probs"]["lora + laplace (mc)"],
+                       np.concatenate([f["lora + laplace (mc)"]["_probs"] for f in per_fold]), atol=1e-7)
     goals = bench.goals_for(rows, 777, [1.3, 1.5], [0.8, 0.9])
     # the MAP is over-sharpened, the "laplace" row holds the true probabilities: a fraction of its ECE
     assert goals["laplace_ece_ratio"] == pytest.approx(rows["lora + laplace (mc)"]["ece"] / rows["lora (MAP)"]["ece"])
