@@ -87,7 +87,7 @@ TRAINING_OPTIONS = ("epochs", "lr", "grad_accum", "weight_decay", "warmup", "sch
                     "val_metric", "seed", "max_steps", "gradient_checkpointing", "checkpoint_dir", "resume", "pack")
 CHOICES = {"schedule": ["cosine", "linear", "constant"], "val_metric": ["nll", "accuracy"],
            "init": ["default", "gaussian", "pissa"], "placement": ["both", "mlp"], "predictive": ["mc", "probit"],
-           "prior_method": ["evidence", "val"]}
+           "prior_method": ["auto", "evidence", "val"]}
 
 
 BAYES_MODES = ["laplace", "svgd", "exact"]

@@ -7,7 +7,8 @@ import numpy as np
 import pytest
 
 SCRIPT = Path(__file__).resolve().parents[1] / "benchmarks" / "bench_calibration.py"
-NAMES = ("lora (MAP)", "lora + laplace (mc)", "lora + laplace (mc, prior on validation)")
+NAMES = ("lora (MAP)", "lora + laplace (mc)", "lora + laplace (mc, prior on validation)",
+         "lora + laplace (mc, auto)")
 
 
 @pytest.fixture(scope="module")
@@ -46,7 +47,7 @@ def test_pooled_rows_score_every_held_out_record_once(bench):
     from lmtune.metrics import ece, nll
 
     rng = np.random.default_rng(0)
-    per_fold = [_fold(rng, 400, (3.0, 1.0, 1.1)), _fold(rng, 377, (3.0, 1.0, 1.1))]
+    per_fold = [_fold(rng, 400, (3.0, 1.0, 1.1, 1.0)), _fold(rng, 377, (3.0, 1.0, 1.1, 1.0))]
     rows = bench.pool_rows(per_fold, ["no", "yes"])
     for name in NAMES:
         probs = np.concatenate([f[name]["_probs"] for f in per_fold])
@@ -70,4 +71,5 @@ def test_pooled_rows_score_every_held_out_record_once(bench):
     assert goals["laplace_ece_ratio"] < 0.5
     assert goals["accuracy_met"]
     assert goals["time_met"] is False and goals["time_met_with_sampled_curvature"] is True
+    assert goals["met_with_auto_prior"] and goals["auto_prior"]["ece_ratio"] == goals["laplace_ece_ratio"]
     assert goals["laplace_calibrated_floor"] == rows["lora + laplace (mc)"]["ece_sampling"]["calibrated_floor"]

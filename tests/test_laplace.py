@@ -486,6 +486,47 @@ def test_lora_laplace_tunes_the_prior_by_the_post_hoc_evidence(laplace_run):
     assert 0 <= info["theta_sq_determined"] <= info["theta_sq_norm"]
 
 
+def test_lora_laplace_auto_prior_turns_to_validation_only_when_the_evidence_collapses(laplace_run, monkeypatch):
+    """prior_method="auto" (the default): the evidence's prior, and the validation NLL's when the evidence
+    collapsed onto the MAP and validation data are given."""
+    from lmtune.data import open_data
+    from lmtune.laplace import KFACPosterior, fit_lora_laplace
+
+    est, d = laplace_run
+    train, val = open_data(d / "train.jsonl"), open_data(d / "test.jsonl")
+    saved = est.posterior_, est.prior_precision, est.prior_method
+    est.prior_precision = None
+    try:
+        assert est.prior_method == "auto"  # what LoraClassifier defaults to (the fixture leaves it)
+        post, info = fit_lora_laplace(est, train, val)
+        # the random tiny model's adapter carries no signal: the evidence takes its upper bound
+        assert info["evidence_prior_at_bound"] and info["prior_method"] == "validation NLL (the evidence collapsed)"
+        vt = info["validation_tuning"]
+        assert vt["n_val"] == 12 and info["evidence_prior_precision"] in vt["candidates"]
+        assert vt["chosen"] == post.prior_precision == info["prior_precision"]
+        assert vt["val_nll"][vt["candidates"].index(vt["chosen"])] == min(vt["val_nll"])
+
+        post, info = fit_lora_laplace(est, train)  # no validation data: the evidence's prior stands
+        assert info["validation_tuning"] is None and info["prior_method"] == "evidence (post-hoc)"
+        assert post.prior_at_bound and post.prior_precision == info["evidence_prior_precision"]
+
+        est.prior_method = "evidence"  # asked for the evidence alone: validation data do not change it
+        post, info = fit_lora_laplace(est, train, val)
+        assert info["validation_tuning"] is None and post.prior_precision == info["evidence_prior_precision"]
+
+        def interior(self, form="post-hoc", bounds=(-20.0, 30.0)):  # an evidence with an interior maximum
+            self.prior_precision, self.prior_at_bound = 5.0, False
+            return 5.0
+
+        monkeypatch.setattr(KFACPosterior, "optimize_prior_precision", interior)
+        est.prior_method = "auto"
+        post, info = fit_lora_laplace(est, train, val)
+        assert info["validation_tuning"] is None and info["prior_method"] == "evidence (post-hoc)"
+        assert post.prior_precision == info["prior_precision"] == 5.0
+    finally:
+        est.posterior_, est.prior_precision, est.prior_method = saved
+
+
 def test_lora_laplace_prior_chosen_on_validation_data(laplace_run):
     """prior_method="val": the grid value with the lowest validation NLL, which the predictive then has."""
     import lmtune
@@ -579,7 +620,7 @@ def test_bayes_options_are_checked_before_training(tiny_lm):
                         ({"bayes": "laplace", "dora": True}, "not with dora"),
                         ({"bayes": "laplace", "predictive": "sampled"}, "predictive must be mc or probit"),
                         ({"bayes": "laplace", "prior_precision": -1.0}, "prior_precision must be"),
-                        ({"bayes": "laplace", "prior_method": "cv"}, "prior_method must be evidence or val"),
+                        ({"bayes": "laplace", "prior_method": "cv"}, "prior_method must be auto or evidence or val"),
                         ({"bayes": "laplace", "kfac_samples": 0}, "kfac_samples must be"),
                         ({"bayes": "laplace", "prior_method": "val"}, "give it \\(--val\\)")):
         with pytest.raises(LmtuneError, match=msg):

@@ -265,8 +265,9 @@ class LoraClassifier(PeftClassifier):
         SVGD uses 1, applied decoupled from AdamW (lmtune.svgd).
     prior_method : str
         Laplace: how the prior precision is chosen when not given: evidence (maximise the marginal
-        likelihood on the training data) or val (lowest validation NLL of the predictive on a grid; needs
-        validation data). The evidence can collapse the posterior onto the MAP (lmtune.laplace).
+        likelihood on the training data), val (lowest validation NLL of the predictive on a grid; needs
+        validation data), or auto (the default): the evidence, and the validation NLL instead when the
+        evidence collapses the posterior onto the MAP and validation data are given (lmtune.laplace).
     svgd_temperature : float
         SVGD: the likelihood is raised to the power 1/svgd_temperature (below 1: a cold posterior).
     predictive : str
@@ -296,7 +297,7 @@ class LoraClassifier(PeftClassifier):
     def __init__(self, model=DEFAULT_MODEL, task=None, *, rank: int = 8, alpha: float = 16, dropout: float = 0.05,
                  target: str = "q_proj,v_proj", layers=None, init: str = "default", dora: bool = False,
                  bayes: str | None = None, particles: int = 4, prior_precision: float | None = None,
-                 prior_method: str = "evidence", svgd_temperature: float = 1.0, predictive: str = "mc",
+                 prior_method: str = "auto", svgd_temperature: float = 1.0, predictive: str = "mc",
                  mc_samples: int = 1000, kfac_rank: int = 128, kfac_samples: int | None = None, **kwargs):
         super().__init__(model, task, **kwargs)
         self.rank = rank
@@ -369,8 +370,8 @@ class LoraClassifier(PeftClassifier):
 
                     warnings.warn(f"the Laplace evidence rose to its bound (prior precision "
                                   f"{self.posterior_.prior_precision:.3g}): the posterior collapsed onto the MAP "
-                                  "and predicts like it; prior_method='val' (--prior-method val --val FILE) "
-                                  "chooses the prior on validation data", stacklevel=2)
+                                  "and predicts like it; given validation data (--val FILE), prior_method 'auto' "
+                                  "(the default) or 'val' chooses the prior on them", stacklevel=2)
             else:
                 from lmtune.svgd import svgd_info
 
