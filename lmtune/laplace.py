@@ -72,6 +72,11 @@ do not determine (``lambda_i << delta``) then costs nothing, as it would be shru
 adapter it chose ``delta = 21`` (test NLL 0.32). The posterior covariance is ``(GGN + delta I)^-1`` either
 way; the mean stays at the trained adapter (post-hoc Laplace generally keeps the trained weights).
 The maximiser over ``log delta`` is found by a grid scan and ``scipy.optimize.brentq`` on the derivative.
+Even the post-hoc form collapses on some overconfident adapters: the softmax saturates, the GGN's
+eigenvalues shrink, ``theta*`` looks like noise under them, and the evidence keeps rising as the prior
+tightens, leaving a posterior equal to the MAP. LoRA's estimator therefore defaults to
+``prior_method="auto"``: the evidence's prior unless it lies at the upper bound and validation data are
+given, and then the prior with the lowest validation NLL (:func:`tune_prior_on_validation`).
 
 Predictive
 ----------
