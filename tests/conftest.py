@@ -105,3 +105,14 @@ def review_task():
 
     return ClassificationTask("Review: {text}\nIs this review positive? Answer yes or no.",
                               {"negative": "no", "positive": "yes"})
+
+
+def load_benchmark(name: str):
+    """A script of ``benchmarks/`` imported as a module (they are scripts, not a package)."""
+    import importlib.util
+
+    path = Path(__file__).resolve().parents[1] / "benchmarks" / f"{name}.py"
+    spec = importlib.util.spec_from_file_location(name, path)
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    return mod

@@ -1,22 +1,16 @@
 """benchmarks/bench_calibration.py --folds: the fold split, the pooled rows and the goals read off them."""
 
-import importlib.util
-from pathlib import Path
-
 import numpy as np
 import pytest
+from conftest import load_benchmark
 
-SCRIPT = Path(__file__).resolve().parents[1] / "benchmarks" / "bench_calibration.py"
 NAMES = ("lora (MAP)", "lora + laplace (mc)", "lora + laplace (mc, prior on validation)",
          "lora + laplace (mc, auto)")
 
 
 @pytest.fixture(scope="module")
 def bench():
-    spec = importlib.util.spec_from_file_location("bench_calibration", SCRIPT)
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
-    return mod
+    return load_benchmark("bench_calibration")
 
 
 def test_folds_partition_the_records(bench):

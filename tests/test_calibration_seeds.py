@@ -1,19 +1,12 @@
 """benchmarks/calibration_seeds.py: the summary of several calibration runs (one per seed)."""
 
-import importlib.util
-from pathlib import Path
-
 import pytest
-
-SCRIPT = Path(__file__).resolve().parents[1] / "benchmarks" / "calibration_seeds.py"
+from conftest import load_benchmark
 
 
 @pytest.fixture(scope="module")
 def seeds():
-    spec = importlib.util.spec_from_file_location("calibration_seeds", SCRIPT)
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
-    return mod
+    return load_benchmark("calibration_seeds")
 
 
 def _run(seed, rows, over_epoch=1.4):
