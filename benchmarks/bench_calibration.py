@@ -119,7 +119,7 @@ def sampling_analysis(rows: dict, reference: str, draws: int = 4000) -> dict:
     return predictions
 
 
-def evaluate_split(lm, task, fit_ds, val_ds, test, lora_cfg, args, curvature_share: float) -> tuple[dict, dict, dict]:
+def evaluate_split(lm, task, fit_ds, val_ds, test, lora_cfg, args) -> tuple[dict, dict, dict]:
     """Every method trained on ``fit_ds`` (``val_ds`` for temperature and the validation prior), scored on
     ``test``: the rows (each with its test probabilities), the Laplace step's cost, and SVGD's (or None)."""
     import lmtune
@@ -155,10 +155,10 @@ def evaluate_split(lm, task, fit_ds, val_ds, test, lora_cfg, args, curvature_sha
                                          "prior_method": auto["prior_method"]}
     la.posterior_, la.posterior_info_ = fitted
     sampled = None
-    if curvature_share < 1.0:
+    if args.curvature_share < 1.0:
         # the same recipe and seed (seeded training: the same adapter, checked below) with the curvature from a
         # random part of the training set, timed as fit runs it (reusing the frozen layers' activations)
-        k = max(1, round(curvature_share * len(fit_ds)))
+        k = max(1, round(args.curvature_share * len(fit_ds)))
         log(f"the same LoRA, Laplace curvature on {k} of {len(fit_ds)} records ...")
         half = lmtune.LoraClassifier(lm, task, bayes="laplace", kfac_samples=k, progress=False, **lora_cfg).fit(fit_ds)
         sampled = half.posterior_info_
@@ -319,7 +319,7 @@ def main() -> None:
     if not args.folds:
         fit_ds, val_ds = split(open_data(DEMO_TRAIN), args.val_share, args.seed)
         test = open_data(DEMO_TEST)
-        rows, laplace_cost, svgd = evaluate_split(lm, task, fit_ds, val_ds, test, lora_cfg, args, args.curvature_share)
+        rows, laplace_cost, svgd = evaluate_split(lm, task, fit_ds, val_ds, test, lora_cfg, args)
         setup.update(n_fit=len(fit_ds), n_val=len(val_ds), n_test=len(test))
         sampled = laplace_cost["sampled_curvature"]
         predictions = sampling_analysis(rows, "lora (MAP)")
@@ -337,8 +337,7 @@ def main() -> None:
             fit_ds, val_ds = split(rest, args.val_share, args.seed + i)
             test = Dataset.from_records([records[j] for j in held], name=f"builtin:reviews[fold {i}]")
             log(f"fold {i + 1}/{args.folds}: fit {len(fit_ds)}, validation {len(val_ds)}, held out {len(test)}")
-            rows_i, cost_i, svgd_i = evaluate_split(lm, task, fit_ds, val_ds, test, lora_cfg, args,
-                                                    args.curvature_share)
+            rows_i, cost_i, svgd_i = evaluate_split(lm, task, fit_ds, val_ds, test, lora_cfg, args)
             per_fold.append(rows_i)
             costs.append({**cost_i, "fold": i, "n_fit": len(fit_ds), "n_val": len(val_ds), "n_test": len(test)})
             svgd.append(svgd_i)
