@@ -100,7 +100,8 @@ def _bayes_methods() -> dict[str, list[str]]:
     return {m: [name for name, cls in METHODS.items() if m in getattr(cls, "bayes_modes", ())] for m in BAYES_MODES}
 
 
-NONE_DEFAULT_TYPES = {"lr": float, "max_steps": int, "patience": int, "prior_precision": float, "kfac_samples": int}
+NONE_DEFAULT_TYPES = {"lr": float, "max_steps": int, "patience": int, "prior_precision": float, "kfac_samples": int,
+                      "ggn_samples": int}
 
 
 def _option_type(default, name: str = ""):

@@ -15,6 +15,14 @@ Curvature
   the Hessian of the categorical log-likelihood in the logits. ``H_n`` has rank K - 1 (the all-ones
   direction has eigenvalue 0), so its eigendecomposition ``H_n = sum_{j<K} u_j u_j'`` (eigenvalues folded
   into the ``u_j``) gives the GGN exactly with K - 1 backward passes per batch: one for a binary task.
+* **Classes.** The exact GGN costs K - 1 backward passes per batch: one for a binary task, 15 for 16
+  classes. ``ggn_samples = m`` below that replaces the ``u_j`` by ``m`` Gaussian sketches ``v = U xi /
+  sqrt(m)`` (``U`` the ``u_j`` as columns, ``xi ~ N(0, I)``), so ``E[sum v v'] = H_n`` and the output-side
+  factor ``G`` is an unbiased estimate (the gradient is linear in ``v``; the input side's weights are not,
+  but ``A`` is a mean of inputs either way). A sketch rather than the sampled-label Fisher (``v = p -
+  e_y``, ``y ~ p``, also unbiased): on a confident prediction the sampled label is almost always the
+  predicted one, whose ``v`` is tiny, and rarely another with a large ``v``, so its relative variance
+  grows like ``1 / (1 - p_max)``, while the sketch's stays at most ``2 / m`` whatever the confidence.
 * **KFAC per LoRA factor.** Each factor is a linear map ``s = W a`` (``W`` of shape (out, in): A is
   (r, d_in), B is (d_out, r)) applied at every token of the prompt. An example's Jacobian for the GGN
   vector ``u_j`` is ``J_nj = sum_t g_{n,t,j} a_{n,t}'`` (``g`` the backpropagated ``u_j`` at the output of
@@ -279,12 +287,21 @@ def _as_3d_stack(xs: list[torch.Tensor]) -> torch.Tensor:
     return torch.stack([_as_3d(x) for x in xs])
 
 
-def ggn_vectors(logits: torch.Tensor) -> torch.Tensor:
-    """(B, K, K-1) vectors ``u_j`` with ``sum_j u_j u_j' = diag(p) - p p'`` (the softmax Hessian), p = softmax."""
+def ggn_vectors(logits: torch.Tensor, samples: int | None = None,
+                generator: torch.Generator | None = None) -> torch.Tensor:
+    """(B, K, m) vectors ``v_j`` with ``sum_j v_j v_j' = H = diag(p) - p p'`` (the softmax Hessian), p = softmax.
+
+    ``samples`` None (or at least K - 1): the K - 1 scaled eigenvectors ``u_j`` of ``H``, exactly. Fewer:
+    ``m = samples`` Gaussian sketches ``v = U xi / sqrt(m)``, ``xi ~ N(0, I)`` drawn from ``generator`` (CPU),
+    so that ``E[sum_j v_j v_j'] = H`` (module docstring, "Classes")."""
     p = torch.softmax(logits.detach().double(), dim=-1)
     H = torch.diag_embed(p) - p[:, :, None] * p[:, None, :]
     w, U = torch.linalg.eigh(H)  # ascending: column 0 is the all-ones direction, eigenvalue 0
-    return (U * w.clamp_min(0).sqrt()[:, None, :])[:, :, 1:]
+    U = (U * w.clamp_min(0).sqrt()[:, None, :])[:, :, 1:]
+    if samples is None or samples >= U.shape[2]:
+        return U
+    xi = torch.randn((U.shape[0], U.shape[2], samples), generator=generator, dtype=U.dtype)
+    return U @ (xi.to(U.device) / math.sqrt(samples))
 
 
 def _token_mask(lengths: torch.Tensor, T: int) -> torch.Tensor:
@@ -306,14 +323,21 @@ class KFACCollector:
         docstring).
     rank, max_full_dim : int
         The low-rank sketch of factors wider than ``max_full_dim``.
+    ggn_samples : int or None
+        Backward passes per batch: None for the exact GGN (K - 1 of them), fewer for that many Gaussian
+        sketches of each example's softmax Hessian (:func:`ggn_vectors`), drawn with ``seed``.
     """
 
     def __init__(self, modules: dict[str, torch.nn.Module], *, weight_sharing: str = "weighted", rank: int = 128,
-                 max_full_dim: int = FULL_FACTOR_MAX_DIM):
+                 max_full_dim: int = FULL_FACTOR_MAX_DIM, ggn_samples: int | None = None, seed: int = 0):
         if weight_sharing not in WEIGHT_SHARING:
             raise LmtuneError(f"weight_sharing must be one of {', '.join(WEIGHT_SHARING)}, got {weight_sharing!r}")
+        if ggn_samples is not None and not (isinstance(ggn_samples, int) and ggn_samples >= 1):
+            raise LmtuneError(f"ggn_samples must be an integer >= 1 or None, got {ggn_samples!r}")
         self.modules = modules
         self.weight_sharing = weight_sharing
+        self.ggn_samples = ggn_samples
+        self._generator = torch.Generator().manual_seed(int(seed))
         self.acc_in = {n: FactorAccumulator(m.weight.shape[1], rank, max_full_dim) for n, m in modules.items()}
         self.acc_out = {n: FactorAccumulator(m.weight.shape[0], rank, max_full_dim) for n, m in modules.items()}
         self.n_examples = 0
@@ -327,7 +351,7 @@ class KFACCollector:
         """
         with Capture(self.modules) as cap:
             logits = forward()
-            grads = cap.output_grads(logits, ggn_vectors(logits))
+            grads = cap.output_grads(logits, ggn_vectors(logits, self.ggn_samples, self._generator))
         self.add(logits, y, lengths, cap.inputs, grads)
         return logits
 
@@ -645,13 +669,15 @@ def predictive_probs(mean: torch.Tensor, cov: torch.Tensor, method: str = "mc", 
 def fit_posterior(modules: dict[str, torch.nn.Module], batches: Iterable[tuple[Callable, torch.Tensor, torch.Tensor]],
                   *, weight_sharing: str = "weighted", rank: int = 128, max_full_dim: int = FULL_FACTOR_MAX_DIM,
                   prior_precision: float | None = None, evidence: str = "post-hoc",
-                  n_data: int | None = None) -> KFACPosterior:
+                  n_data: int | None = None, ggn_samples: int | None = None, seed: int = 0) -> KFACPosterior:
     """KFAC Laplace posterior of ``modules``' weights from ``(forward, y, lengths)`` batches.
 
     ``prior_precision`` None maximises the evidence of ``evidence`` form over it; a number fixes it.
     ``n_data``: the batches are a random sample of that many examples (:meth:`KFACCollector.posterior`).
+    ``ggn_samples``, ``seed``: the exact GGN (None) or its Gaussian sketches (:class:`KFACCollector`).
     """
-    col = KFACCollector(modules, weight_sharing=weight_sharing, rank=rank, max_full_dim=max_full_dim)
+    col = KFACCollector(modules, weight_sharing=weight_sharing, rank=rank, max_full_dim=max_full_dim,
+                        ggn_samples=ggn_samples, seed=seed)
     for forward, y, lengths in batches:
         col.add_batch(forward, y, lengths)
     post = col.posterior({n: m.weight for n, m in modules.items()}, n_data=n_data)
@@ -762,8 +788,9 @@ def fit_lora_laplace(est, ds, val=None) -> tuple[KFACPosterior, dict]:
         else:
             lower = est._lower_cache(lm, seqs, start)
         batches = ((fwd, y[idx], lengths) for idx, fwd, lengths in _lora_batches(est, seqs, label_ids, lower, start))
+        ggn_samples = getattr(est, "ggn_samples", None)
         post = fit_posterior(modules, batches, rank=est.kfac_rank, prior_precision=est.prior_precision,
-                             n_data=n_all)
+                             n_data=n_all, ggn_samples=ggn_samples, seed=est.seed)
         shapes = {n: tuple(m.weight.shape) for n, m in modules.items()}
     evidence_delta, evidence_at_bound = post.prior_precision, post.prior_at_bound
     tuning = None
@@ -780,7 +807,12 @@ def fit_lora_laplace(est, ds, val=None) -> tuple[KFACPosterior, dict]:
     lam, c, s2 = post.spectrum()
     mode_delta = KFACPosterior(post.blocks, theta=post.theta, log_lik=post.log_lik,
                                n_data=post.n_data).optimize_prior_precision("mode")
-    info = {"kind": "laplace", "curvature": "KFAC of the exact GGN per LoRA factor, gradient-weighted token reduction",
+    sketched = ggn_samples is not None and ggn_samples < task.n_classes - 1
+    ggn = (f"the GGN from {ggn_samples} Gaussian sketch{'es' if ggn_samples > 1 else ''} of each example's softmax "
+           f"Hessian" if sketched else "the exact GGN")
+    info = {"kind": "laplace", "curvature": f"KFAC of {ggn} per LoRA factor, gradient-weighted token reduction",
+            "ggn_samples": ggn_samples if sketched else None, "backward_passes_per_batch":
+                ggn_samples if sketched else task.n_classes - 1,
             "predictive": f"linearised (GLM), {est.predictive}"
                           + (f" with {est.mc_samples} samples" if est.predictive == "mc" else ""),
             "prior_precision": d, "prior_precision_tuned": est.prior_precision is None,

@@ -86,6 +86,44 @@ def test_ggn_vectors_factor_the_softmax_hessian():
     torch.testing.assert_close(U @ U.transpose(1, 2), H, atol=1e-12, rtol=0)
 
 
+def test_ggn_sketches_are_exact_when_they_suffice_else_seeded_and_unbiased():
+    logits = randn(3, 4)
+    exact = ggn_vectors(logits)
+    torch.testing.assert_close(ggn_vectors(logits, 3), exact, atol=0, rtol=0)  # K - 1 sketches: exact instead
+    torch.testing.assert_close(ggn_vectors(logits, 7), exact, atol=0, rtol=0)
+    V = ggn_vectors(logits, 2, torch.Generator().manual_seed(0))
+    assert V.shape == (3, 4, 2)
+    torch.testing.assert_close(V, ggn_vectors(logits, 2, torch.Generator().manual_seed(0)), atol=0, rtol=0)
+    assert not torch.allclose(V, ggn_vectors(logits, 2, torch.Generator().manual_seed(1)))
+    # every sketch lies in the span of the exact vectors (the softmax ignores a common shift: each sums to 0)
+    torch.testing.assert_close(V.sum(1), torch.zeros(3, 2, dtype=F64), atol=1e-12, rtol=0)
+    # E[V V'] = H: 20,000 single sketches average to the Hessian (relative error ~ sqrt(2 / 20000) = 1%)
+    g = torch.Generator().manual_seed(2)
+    H = exact @ exact.transpose(1, 2)
+    mean = sum(v @ v.transpose(1, 2) for v in (ggn_vectors(logits, 1, g) for _ in range(20000))) / 20000
+    torch.testing.assert_close(mean, H, atol=0.05 * float(H.abs().max()), rtol=0)
+    assert (mean - H).abs().max() > 0  # and it is an estimate, not the Hessian itself
+
+
+def test_kfac_from_ggn_sketches_estimates_the_exact_output_factor_without_bias():
+    # reduce sharing: the input-side factor does not depend on the vectors, the output side is linear in
+    # their outer products, so the sketched G averages to the exact G over seeds
+    model = LoraToy(d=5, r=2, d_out=4, K=5, seed=3)
+    g = torch.Generator().manual_seed(6)
+    x, lengths, y = randn(6, 3, 5, generator=g), torch.tensor([3, 2, 3, 1, 2, 3]), torch.tensor([0, 4, 1, 3, 2, 0])
+    exact = collect(model, x, lengths, y)
+    draws = [collect(model, x, lengths, y, ggn_samples=2, seed=s) for s in range(1500)]  # 2 of K - 1 = 4
+    for name in ("A", "B"):
+        G = exact.blocks[name][0].matrix()
+        mean = sum(p.blocks[name][0].matrix() for p in draws) / len(draws)
+        torch.testing.assert_close(mean, G, atol=0.1 * float(G.abs().max()), rtol=0)
+        torch.testing.assert_close(draws[0].blocks[name][1].matrix(), exact.blocks[name][1].matrix())
+        one = draws[0].blocks[name][0].matrix()
+        assert (one - G).abs().max() > 0.1 * float(G.abs().max())  # one draw alone is visibly noisy
+    with pytest.raises(LmtuneError, match="ggn_samples must be"):
+        KFACCollector(model.modules_(), ggn_samples=0)
+
+
 @pytest.mark.parametrize("weight_sharing", ["weighted", "reduce", "expand"])
 @pytest.mark.parametrize("name", ["A", "B"])
 def test_kfac_equals_the_exact_ggn_block_for_one_example_and_token(name, weight_sharing):
@@ -622,6 +660,7 @@ def test_bayes_options_are_checked_before_training(tiny_lm):
                         ({"bayes": "laplace", "prior_precision": -1.0}, "prior_precision must be"),
                         ({"bayes": "laplace", "prior_method": "cv"}, "prior_method must be auto or evidence or val"),
                         ({"bayes": "laplace", "kfac_samples": 0}, "kfac_samples must be"),
+                        ({"bayes": "laplace", "ggn_samples": 0}, "ggn_samples must be"),
                         ({"bayes": "laplace", "prior_method": "val"}, "give it \\(--val\\)")):
         with pytest.raises(LmtuneError, match=msg):
             lmtune.LoraClassifier(tiny_lm, task, **kwargs).fit("builtin:reviews:train")
@@ -652,3 +691,36 @@ def test_cli_fit_eval_predict_laplace(tiny_model_dir, tmp_path, capsys):
                  str(tmp_path / "train.jsonl"), "--template", "{text}", "--label-words", "negative=no,positive=yes",
                  "--out", str(tmp_path / "x")]) == 2
     assert "--bayes laplace does not apply to --method adapter" in capsys.readouterr().err
+
+
+def test_lora_laplace_with_ggn_sketches_on_a_three_class_task(tiny_lm):
+    import lmtune
+    from lmtune.data import Dataset, load_builtin
+    from lmtune.laplace import fit_lora_laplace
+    from lmtune.tasks import ClassificationTask
+
+    recs = [r for r in load_builtin("reviews") if r["domain"] in ("film", "book", "hotel")][:24]
+    ds = Dataset.from_records(recs)
+    task = ClassificationTask("What is reviewed?\nReview: {text}", "film=film,book=book,hotel=hotel",
+                              label_field="domain")
+    est = lmtune.LoraClassifier(tiny_lm, task, rank=4, alpha=8, epochs=1, lr=1e-2, bayes="laplace", progress=False,
+                                cache=False, batch_size=8, prior_precision=1.0, ggn_samples=1).fit(ds)
+    info = est.posterior_info_
+    assert info["ggn_samples"] == 1 and info["backward_passes_per_batch"] == 1
+    assert "1 Gaussian sketch of" in info["curvature"]
+    est.ggn_samples = None
+    exact, exact_info = fit_lora_laplace(est, ds)
+    assert exact_info["ggn_samples"] is None and exact_info["backward_passes_per_batch"] == 2
+    assert exact_info["curvature"].startswith("KFAC of the exact GGN")
+    # the sketch estimates the same curvature: its total within a factor of a few of the exact one
+    lam_s, c_s, _ = est.posterior_.spectrum()
+    lam_e, c_e, _ = exact.spectrum()
+    ratio = float((lam_s * c_s).sum() / (lam_e * c_e).sum())
+    assert 0.2 < ratio < 5.0 and ratio != 1.0
+    est.ggn_samples = 2  # as many as K - 1: the exact GGN, identically
+    same, same_info = fit_lora_laplace(est, ds)
+    assert same_info["ggn_samples"] is None
+    for name in exact.blocks:
+        torch.testing.assert_close(same.precision_matrix(name), exact.precision_matrix(name))
+    probs = est.predict_proba(ds)
+    assert probs.shape == (24, 3) and np.allclose(probs.sum(1), 1.0)

@@ -282,6 +282,10 @@ class LoraClassifier(PeftClassifier):
         seed), its sums scaled up to the whole set; None uses every example. The pass costs a forward
         and backward per example, about 1.3 to 1.5 epochs of training (which shares the prompt prefix
         across a batch, and the pass cannot), so a sample bounds its time on large training sets.
+    ggn_samples : int or None
+        Laplace: backward passes per batch of the curvature pass. The exact GGN needs one per class but
+        one (K - 1); a smaller number estimates it from that many Gaussian sketches of each example's
+        softmax Hessian (unbiased, seeded by seed), for tasks with many classes. None: exact.
     """
 
     method = "lora"
@@ -292,13 +296,15 @@ class LoraClassifier(PeftClassifier):
     default_lr = 1e-2
     bayes_modes = ("laplace", "svgd")
     options = ("rank", "alpha", "dropout", "target", "layers", "init", "dora", "particles", "prior_precision",
-               "prior_method", "svgd_temperature", "predictive", "mc_samples", "kfac_rank", "kfac_samples")
+               "prior_method", "svgd_temperature", "predictive", "mc_samples", "kfac_rank", "kfac_samples",
+               "ggn_samples")
 
     def __init__(self, model=DEFAULT_MODEL, task=None, *, rank: int = 8, alpha: float = 16, dropout: float = 0.05,
                  target: str = "q_proj,v_proj", layers=None, init: str = "default", dora: bool = False,
                  bayes: str | None = None, particles: int = 4, prior_precision: float | None = None,
                  prior_method: str = "auto", svgd_temperature: float = 1.0, predictive: str = "mc",
-                 mc_samples: int = 1000, kfac_rank: int = 128, kfac_samples: int | None = None, **kwargs):
+                 mc_samples: int = 1000, kfac_rank: int = 128, kfac_samples: int | None = None,
+                 ggn_samples: int | None = None, **kwargs):
         super().__init__(model, task, **kwargs)
         self.rank = rank
         self.alpha = alpha
@@ -316,6 +322,7 @@ class LoraClassifier(PeftClassifier):
         self.mc_samples = mc_samples
         self.kfac_rank = kfac_rank
         self.kfac_samples = kfac_samples
+        self.ggn_samples = ggn_samples
 
     def _targets(self, lm: LM) -> list[str]:
         """Module names to adapt; all-linear means every linear layer inside the transformer blocks."""
@@ -520,7 +527,9 @@ class LoraClassifier(PeftClassifier):
                   ("mc_samples", isinstance(self.mc_samples, int) and self.mc_samples >= 1, "an integer >= 1"),
                   ("kfac_rank", isinstance(self.kfac_rank, int) and self.kfac_rank >= 1, "an integer >= 1"),
                   ("kfac_samples", self.kfac_samples is None
-                   or (isinstance(self.kfac_samples, int) and self.kfac_samples >= 1), "an integer >= 1 or None")]
+                   or (isinstance(self.kfac_samples, int) and self.kfac_samples >= 1), "an integer >= 1 or None"),
+                  ("ggn_samples", self.ggn_samples is None
+                   or (isinstance(self.ggn_samples, int) and self.ggn_samples >= 1), "an integer >= 1 or None")]
         for name, ok, expected in checks:
             if not ok:
                 raise LmtuneError(f"{name} must be {expected}, got {getattr(self, name)!r}")
