@@ -44,11 +44,17 @@ the pooled held-out predictions (sklearn's ``cross_val_predict`` reading): 640 t
 a calibrated floor about 1.8x lower. With K = 3 each fold fits on 341 records, the fixed split's size.
 Each fold's Laplace step is timed against that fold's epochs (``laplace_cost.per_fold``).
 
+**Many classes** (``--task domain``): the same records labelled by what is reviewed (16 domains, the
+``domain`` field) instead of their sentiment. The exact GGN then costs 15 backward passes per batch;
+``--ggn-samples 1,2`` adds rows with the same adapter's curvature from that many Gaussian sketches of each
+example's softmax Hessian (``ggn_samples``), timed (``laplace_cost.ggn_sketches``), with the evidence's prior
+and with the default ``auto`` prior given the validation split.
+
 Times come from a machine shared with other jobs: the load average at start and end is in the JSON.
 
 Usage: .venv/bin/python benchmarks/bench_calibration.py [--particles 4] [--val-share 0.2] [--seed 0]
-       [--epochs 3] [--scaling-steps 6] [--no-svgd] [--curvature-share 0.5] [--folds K] [--wait-idle S]
-       [--out PATH]
+       [--epochs 3] [--scaling-steps 6] [--no-svgd] [--curvature-share 0.5] [--folds K]
+       [--task sentiment|domain] [--ggn-samples M,...] [--wait-idle S] [--out PATH]
 The results in docs/benchmarks.md come from two runs: the defaults (the demo's 3 epochs, with SVGD;
 ``results/calibration.json``) and ``--epochs 8 --out benchmarks/results/calibration_8epochs.json``
 (the adapter trained into overconfidence, Laplace-LoRA's regime).
@@ -74,6 +80,23 @@ DEFAULT_CV_OUT = REPO / "benchmarks" / "results" / "calibration_cv.json"
 GOAL_ECE_RATIO = 0.5
 SCALING_RECORDS = 64  # the SVGD scaling runs: per-step cost does not depend on the data size
 KEYS = ("accuracy", "macro_f1", "nll", "ece", "brier")
+# --task domain: the built-in reviews' other label, what is reviewed (16 classes, 26 to 28 training records
+# each); the answer is the domain's first word, every one a distinct first token for SmolLM2's tokenizer
+DOMAINS = ("restaurant", "coffee shop", "film", "book", "headphones", "hotel", "mobile app", "clothing", "power tool",
+           "video game", "airline", "kitchen appliance", "home service", "board game", "bicycle", "online course")
+
+
+def make_task(name: str):
+    """``sentiment``: the demo's task (yes/no); ``domain``: what the review is about (:data:`DOMAINS`)."""
+    from lmtune.demo import demo_task
+    from lmtune.tasks import ClassificationTask
+
+    if name == "sentiment":
+        return demo_task()
+    # the list sits before the review, so that it is part of the prompts' shared prefix
+    return ClassificationTask("Which of these is the review about: " + ", ".join(DOMAINS) + "?\nReview: {text}\n"
+                              "Answer with the name from the list.", {d: d.split()[0] for d in DOMAINS},
+                              label_field="domain")
 
 
 def split(ds, share: float, seed: int):
@@ -154,6 +177,22 @@ def evaluate_split(lm, task, fit_ds, val_ds, test, lora_cfg, args) -> tuple[dict
     rows["lora + laplace (mc, auto)"] = {**metrics(la, test), "prior_precision": la.posterior_.prior_precision,
                                          "prior_method": auto["prior_method"]}
     la.posterior_, la.posterior_info_ = fitted
+    sketches = []
+    for m in args.ggn_samples:
+        # the same adapter's curvature from m Gaussian sketches of each softmax Hessian (m backward passes per
+        # batch instead of K - 1), timed as fit runs it, then the default prior given the validation split
+        log(f"the same LoRA, Laplace curvature from {m} GGN sketch(es) ...")
+        la.ggn_samples = m
+        la.posterior_, info = fit_lora_laplace(la, fit_ds)
+        rows[f"lora + laplace (mc, {m} GGN sketches)"] = {**metrics(la, test),
+                                                          "prior_precision": la.posterior_.prior_precision}
+        la.posterior_, auto_m = fit_lora_laplace(la, fit_ds, val_ds)
+        rows[f"lora + laplace (mc, auto, {m} GGN sketches)"] = {
+            **metrics(la, test), "prior_precision": la.posterior_.prior_precision, "prior_method": auto_m["prior_method"]}
+        sketches.append({"ggn_samples": m, "seconds": info["seconds"], "peak_rss_bytes": info["peak_rss_bytes"],
+                         "backward_passes_per_batch": info["backward_passes_per_batch"], "posterior": info})
+        la.ggn_samples = None
+        la.posterior_, la.posterior_info_ = fitted
     sampled = None
     if args.curvature_share < 1.0:
         # the same recipe and seed (seeded training: the same adapter, checked below) with the curvature from a
@@ -178,6 +217,7 @@ def evaluate_split(lm, task, fit_ds, val_ds, test, lora_cfg, args) -> tuple[dict
         "training_rss_at_start_bytes": la.fit_info_["rss_at_start_bytes"],
         "posterior": post, "training_steps": la.fit_info_["train"]["steps"],
         "validation_tuning": tuning,
+        "ggn_sketches": [{**sk, "over_epoch": sk["seconds"] / float(np.mean(epoch_s))} for sk in sketches],
         "sampled_curvature": None if sampled is None else {
             "examples": sampled["curvature_examples"], "seconds": sampled["seconds"],
             "over_epoch": sampled["seconds"] / float(np.mean(epoch_s)),
@@ -301,21 +341,31 @@ def main() -> None:
     ap.add_argument("--folds", type=int, default=0,
                     help="K-fold cross-validation over the train and test splits together (K >= 2): every record "
                          "is scored once by models that never saw it; 0 (the default) uses the fixed test split")
+    ap.add_argument("--task", choices=("sentiment", "domain"), default="sentiment",
+                    help="sentiment: the demo's yes/no task; domain: what is reviewed, 16 classes (the same records)")
+    ap.add_argument("--ggn-samples", default="",
+                    help="comma-separated m: also fit the same adapter's Laplace curvature from m GGN sketches "
+                         "(ggn_samples), with the evidence's and the default (auto) prior")
     ap.add_argument("--out", default=None, help=f"default {DEFAULT_OUT.relative_to(REPO)}, or "
                                                 f"{DEFAULT_CV_OUT.relative_to(REPO)} with --folds")
     add_wait_idle(ap)
     args = ap.parse_args()
+    try:
+        args.ggn_samples = [int(m) for m in args.ggn_samples.split(",") if m.strip()]
+    except ValueError:
+        raise SystemExit(f"--ggn-samples: comma-separated integers, got {args.ggn_samples!r}")
 
     import lmtune
     from lmtune.data import Dataset, open_data
-    from lmtune.demo import DEMO_LORA, DEMO_TEST, DEMO_TRAIN, demo_task
+    from lmtune.demo import DEMO_LORA, DEMO_TEST, DEMO_TRAIN
 
     env = start(args)
     lm = lmtune.load_model(lmtune.DEFAULT_MODEL)
-    task = demo_task()
+    task = make_task(args.task)
     lora_cfg = {**DEMO_LORA, "epochs": args.epochs, "seed": args.seed}
     setup = {"model": lm.name, "train": DEMO_TRAIN, "test": DEMO_TEST, "lora": lora_cfg, "particles": args.particles,
-             "val_share": args.val_share, "seed": args.seed, "folds": args.folds or None}
+             "val_share": args.val_share, "seed": args.seed, "folds": args.folds or None, "task": args.task,
+             "task_spec": task.to_dict(), "ggn_samples": args.ggn_samples}
     if not args.folds:
         fit_ds, val_ds = split(open_data(DEMO_TRAIN), args.val_share, args.seed)
         test = open_data(DEMO_TEST)
