@@ -304,6 +304,12 @@ def ggn_vectors(logits: torch.Tensor, samples: int | None = None,
     return U @ (xi.to(U.device) / math.sqrt(samples))
 
 
+def centred_basis(K: int) -> torch.Tensor:
+    """(K, K-1) float64, orthonormal columns spanning the vectors whose entries sum to 0."""
+    C = torch.eye(K, dtype=torch.float64) - 1.0 / K
+    return torch.linalg.eigh(C)[1][:, 1:]  # ascending: column 0 is the all-ones direction, eigenvalue 0
+
+
 def _token_mask(lengths: torch.Tensor, T: int) -> torch.Tensor:
     return torch.arange(T, device=lengths.device)[None, :] < lengths[:, None]
 
@@ -536,24 +542,30 @@ class KFACPosterior:
 
     def glm(self, modules: dict[str, torch.nn.Module], forward: Callable[[], torch.Tensor],
             prior_precisions: Iterable[float] | None = None) -> tuple[torch.Tensor, torch.Tensor]:
-        """MAP logits (B, K) and their linearised covariance ``J Sigma J'`` (B, K, K), float64.
+        """MAP logits (B, K) and the linearised covariance of the centred logits ``C J Sigma J' C`` (B, K, K),
+        float64, ``C = I - 11'/K``.
 
-        ``forward()`` runs the model at the MAP with gradients enabled; K backward passes give ``J``. With
+        Softmax ignores a shift shared by all logits, and every consumer (the MC and probit predictives,
+        the reported logit spread) reads the covariance only through ``C``, so only the K - 1 directions
+        orthogonal to the all-ones vector are backpropagated: ``Q`` (K, K-1) orthonormal with ``Q'1 = 0``
+        gives ``Q'J`` in K - 1 backward passes, and ``C J = Q Q'J`` (one pass for a binary task, where the
+        full ``J`` would take two). ``forward()`` runs the model at the MAP with gradients enabled. With
         ``prior_precisions`` (n values) the covariance is (n, B, K, K), one per prior, from one pass.
         """
         with Capture(modules) as cap:
             logits = forward()
             B, K = logits.shape
-            eye = torch.eye(K, dtype=logits.dtype, device=logits.device).expand(B, K, K)
-            grads = cap.output_grads(logits, eye)  # (K, B, T, out): d logit_k / d output
+            Q = centred_basis(K).to(logits.device)
+            grads = cap.output_grads(logits, Q.to(logits.dtype).expand(B, K, K - 1))  # (K-1, B, T, out)
         ds = [self.prior_precision] if prior_precisions is None else [self._delta(d) for d in prior_precisions]
-        cov = torch.zeros((len(ds), B, K, K), dtype=torch.float64, device=logits.device)
+        cov = torch.zeros((len(ds), B, K - 1, K - 1), dtype=torch.float64, device=logits.device)
         for name in self.blocks:
             a, g = cap.inputs[name], grads[name]
-            J = torch.einsum("kbto,bti->bkoi", g.double(), a.double())  # padding has g = 0
+            J = torch.einsum("kbto,bti->bkoi", g.double(), a.double())  # Q'J; padding has g = 0
             projections = self._projections(name, J)
             for i, d in enumerate(ds):
                 cov[i] += _covariance(projections, d)
+        cov = Q @ cov @ Q.T
         return logits.detach().double(), (cov[0] if prior_precisions is None else cov)
 
     # -- files ----------------------------------------------------------------------------------------

@@ -231,8 +231,12 @@ def test_laplace_covariance_and_glm_predictive_match_explicit_inverses():
 
         J = torch.autograd.functional.jacobian(logits_of, W).reshape(3, 3, -1)
         expected += J @ torch.linalg.inv(post.precision_matrix(name)) @ J.transpose(1, 2)
-    close(cov, expected)
+    C = torch.eye(3, dtype=F64) - 1 / 3  # the covariance of the centred logits, what softmax sees
+    close(cov, C @ expected @ C)
     torch.testing.assert_close(mean, model(xt, lt).detach())
+    # and the predictives read the full covariance and the centred one alike
+    for method in ("mc", "probit"):
+        torch.testing.assert_close(predictive_probs(mean, cov, method), predictive_probs(mean, expected, method))
 
 
 def test_glm_with_several_priors_equals_one_pass_per_prior():
@@ -617,7 +621,8 @@ def test_lora_laplace_jacobians_from_hooks_equal_autograd_and_batching_does_not_
             J = torch.stack([torch.autograd.grad(logits[k], mod.weight, retain_graph=True)[0].reshape(-1)
                              for k in range(2)]).double()
             expected += (J @ torch.linalg.inv(post.precision_matrix(name).to(J.device)) @ J.T).cpu()
-    torch.testing.assert_close(together[0][1].cpu(), expected, atol=1e-6, rtol=1e-4)
+    C = torch.eye(2, dtype=torch.float64) - 0.5
+    torch.testing.assert_close(together[0][1].cpu(), C @ expected @ C, atol=1e-6, rtol=1e-4)
 
 
 def test_lora_laplace_is_less_confident_than_its_map_and_reports_uncertainty(laplace_run):
