@@ -23,6 +23,11 @@ Curvature
   e_y``, ``y ~ p``, also unbiased): on a confident prediction the sampled label is almost always the
   predicted one, whose ``v`` is tiny, and rarely another with a large ``v``, so its relative variance
   grows like ``1 / (1 - p_max)``, while the sketch's stays at most ``2 / m`` whatever the confidence.
+  ``LoraClassifier`` sketches with ``m = 2`` by default (exact up to three classes). Measured on the built-in
+  reviews labelled by their 16 domains (8 epochs, 352 records, docs/benchmarks.md section 8): the exact
+  pass took 16.9 epochs of training, 2 sketches 3.7 and 1 sketch 2.4; the evidence chose priors of 3943,
+  950 and 604, and the test ECE was 0.225, 0.205 and 0.186 against the MAP's 0.233 (one adapter, one run:
+  the sketched evidence came out looser, for a reason not established here).
 * **KFAC per LoRA factor.** Each factor is a linear map ``s = W a`` (``W`` of shape (out, in): A is
   (r, d_in), B is (d_out, r)) applied at every token of the prompt. An example's Jacobian for the GGN
   vector ``u_j`` is ``J_nj = sum_t g_{n,t,j} a_{n,t}'`` (``g`` the backpropagated ``u_j`` at the output of
