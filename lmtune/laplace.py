@@ -805,9 +805,8 @@ def fit_lora_laplace(est, ds, val=None) -> tuple[KFACPosterior, dict]:
         else:
             lower = est._lower_cache(lm, seqs, start)
         batches = ((fwd, y[idx], lengths) for idx, fwd, lengths in _lora_batches(est, seqs, label_ids, lower, start))
-        ggn_samples = getattr(est, "ggn_samples", None)
         post = fit_posterior(modules, batches, rank=est.kfac_rank, prior_precision=est.prior_precision,
-                             n_data=n_all, ggn_samples=ggn_samples, seed=est.seed)
+                             n_data=n_all, ggn_samples=est.ggn_samples, seed=est.seed)
         shapes = {n: tuple(m.weight.shape) for n, m in modules.items()}
     evidence_delta, evidence_at_bound = post.prior_precision, post.prior_at_bound
     tuning = None
@@ -824,12 +823,11 @@ def fit_lora_laplace(est, ds, val=None) -> tuple[KFACPosterior, dict]:
     lam, c, s2 = post.spectrum()
     mode_delta = KFACPosterior(post.blocks, theta=post.theta, log_lik=post.log_lik,
                                n_data=post.n_data).optimize_prior_precision("mode")
-    sketched = ggn_samples is not None and ggn_samples < task.n_classes - 1
-    ggn = (f"the GGN from {ggn_samples} Gaussian sketch{'es' if ggn_samples > 1 else ''} of each example's softmax "
-           f"Hessian" if sketched else "the exact GGN")
+    m = est.ggn_samples if est.ggn_samples is not None and est.ggn_samples < task.n_classes - 1 else None
+    ggn = ("the exact GGN" if m is None
+           else f"the GGN from {m} Gaussian sketch{'es' if m > 1 else ''} of each example's softmax Hessian")
     info = {"kind": "laplace", "curvature": f"KFAC of {ggn} per LoRA factor, gradient-weighted token reduction",
-            "ggn_samples": ggn_samples if sketched else None, "backward_passes_per_batch":
-                ggn_samples if sketched else task.n_classes - 1,
+            "ggn_samples": m, "backward_passes_per_batch": task.n_classes - 1 if m is None else m,
             "predictive": f"linearised (GLM), {est.predictive}"
                           + (f" with {est.mc_samples} samples" if est.predictive == "mc" else ""),
             "prior_precision": d, "prior_precision_tuned": est.prior_precision is None,
@@ -928,12 +926,10 @@ def predict_lora_laplace(est, data, labeled: bool = False, base: bool = False):
     enc, batches = _glm_batches(est, ds, labeled=labeled)
     N, K = len(enc.input_ids), est.task.n_classes
     probs, std = np.empty((N, K)), np.empty(N)
-    C = torch.eye(K, dtype=torch.float64) - 1.0 / K  # centring
-    for rows, mean, cov in batches:
+    for rows, mean, cov in batches:  # cov: of the centred logits already (KFACPosterior.glm)
         p = predictive_probs(mean, cov, est.predictive, est.mc_samples, est.seed)
         probs[rows] = p.cpu().numpy()
-        centred = C.to(cov.device) @ cov @ C.to(cov.device)
-        std[rows] = torch.diagonal(centred, dim1=1, dim2=2).mean(1).clamp_min(0).sqrt().cpu().numpy()
+        std[rows] = torch.diagonal(cov, dim1=1, dim2=2).mean(1).clamp_min(0).sqrt().cpu().numpy()
     est.last_predict_seconds_ = time.perf_counter() - t0
     est.last_uncertainty_ = {"entropy": _entropy(probs), "logit_std": std}
     base_logits = None
