@@ -195,7 +195,8 @@ def evaluate_split(lm, task, fit_ds, val_ds, test, lora_cfg, args) -> tuple[dict
                                                           "prior_precision": sk.posterior_.prior_precision}
         sk.posterior_, auto_m = fit_lora_laplace(sk, fit_ds, val_ds)
         rows[f"lora + laplace (mc, auto, {m} GGN sketches)"] = {
-            **metrics(sk, test), "prior_precision": sk.posterior_.prior_precision, "prior_method": auto_m["prior_method"]}
+            **metrics(sk, test), "prior_precision": sk.posterior_.prior_precision,
+            "prior_method": auto_m["prior_method"]}
         sk_epochs = [h["seconds"] for h in sk.fit_info_["train"]["history"]]
         sketches.append({"ggn_samples": m, "seconds": info["seconds"], "epoch_seconds_mean": float(np.mean(sk_epochs)),
                          "over_epoch": info["seconds"] / float(np.mean(sk_epochs)),
