@@ -83,8 +83,9 @@ def _run_args(p: argparse.ArgumentParser,
     p.add_argument("--json", action="store_true", help=json_help)
 
 
-TRAINING_OPTIONS = ("epochs", "lr", "grad_accum", "weight_decay", "warmup", "schedule", "clip", "patience", "val",
-                    "val_metric", "seed", "max_steps", "gradient_checkpointing", "checkpoint_dir", "resume", "pack")
+TRAINING_OPTIONS = ("epochs", "lr", "grad_accum", "max_batch_tokens", "weight_decay", "warmup", "schedule", "clip",
+                    "patience", "val", "val_metric", "seed", "max_steps", "gradient_checkpointing", "checkpoint_dir",
+                    "resume", "pack")
 CHOICES = {"schedule": ["cosine", "linear", "constant"], "val_metric": ["nll", "accuracy"],
            "init": ["default", "gaussian", "pissa"], "placement": ["both", "mlp"], "predictive": ["mc", "probit"],
            "prior_method": ["auto", "evidence", "val"]}
@@ -101,7 +102,7 @@ def _bayes_methods() -> dict[str, list[str]]:
 
 
 NONE_DEFAULT_TYPES = {"lr": float, "max_steps": int, "patience": int, "prior_precision": float, "kfac_samples": int,
-                      "ggn_samples": int}
+                      "ggn_samples": int, "max_batch_tokens": int}
 
 
 def _option_type(default, name: str = ""):

@@ -101,6 +101,11 @@ class TrainConfig:
         Examples per optimizer step, global: over all accumulation micro-batches and all processes.
     grad_accum : int
         Micro-batches per optimizer step on each process (trades memory for time, not the result).
+    max_batch_tokens : int or None
+        A memory budget: the most padded tokens (examples x their longest length) one micro-batch may
+        hold. A micro-batch above it runs as the fewest equal parts that fit (an example longer than the
+        budget runs alone), so the step's gradient is unchanged and its peak memory follows the budget
+        instead of the epoch's longest batch. Needs per-example lengths. ``None``: no budget.
     clip : float or None
         Maximum global gradient norm; ``None`` turns clipping off.
     patience : int or None
@@ -127,6 +132,7 @@ class TrainConfig:
     schedule: str = "cosine"
     batch_size: int = 8
     grad_accum: int = 1
+    max_batch_tokens: int | None = None
     clip: float | None = 1.0
     patience: int | None = None
     restore_best: bool = True
@@ -157,6 +163,8 @@ class TrainConfig:
             bad("patience", "an integer >= 1 or None")
         if self.max_steps is not None and (not _is_int(self.max_steps) or self.max_steps < 1):
             bad("max_steps", "an integer >= 1 or None")
+        if self.max_batch_tokens is not None and (not _is_int(self.max_batch_tokens) or self.max_batch_tokens < 1):
+            bad("max_batch_tokens", "an integer >= 1 or None")
         if not _is_int(self.checkpoint_every) or self.checkpoint_every < 0:
             bad("checkpoint_every", "an integer >= 0")
 
@@ -276,10 +284,23 @@ def batch_order(n_examples: int, batch_size: int, seed: int, epoch: int,
     return batches
 
 
-def micro_batches(batch: list[int], rank: int, world: int, grad_accum: int) -> list[list[int]]:
-    """This process's share of a global batch, ``batch[rank::world]``, cut into ``grad_accum`` parts."""
+def micro_batches(batch: list[int], rank: int, world: int, grad_accum: int, lengths: Sequence[int] | None = None,
+                  max_tokens: int | None = None) -> list[list[int]]:
+    """This process's share of a global batch, ``batch[rank::world]``, cut into ``grad_accum`` parts; with
+    ``max_tokens``, each part whose padded size ``len(part) * max(lengths)`` exceeds it is cut further into
+    the fewest near-equal parts (in order) whose padded sizes fit, a single example being the smallest."""
     share = batch[rank::world]
-    return [part.tolist() for part in np.array_split(np.asarray(share, dtype=np.int64), grad_accum) if len(part)]
+    parts = [part.tolist() for part in np.array_split(np.asarray(share, dtype=np.int64), grad_accum) if len(part)]
+    if max_tokens is None:
+        return parts
+    out = []
+    for part in parts:
+        k = 1
+        while k < len(part) and any(len(p) > 1 and len(p) * max(lengths[i] for i in p) > max_tokens
+                                    for p in np.array_split(np.asarray(part), k)):
+            k += 1
+        out.extend(p.tolist() for p in np.array_split(np.asarray(part, dtype=np.int64), k))
+    return out
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -453,6 +474,8 @@ def train(params: dict[str, torch.nn.Parameter], loss_fn: Callable[[list[int]], 
         raise LmtuneError(f"training needs at least one example, got n_examples={n_examples!r}")
     if lengths is not None and len(lengths) != n_examples:
         raise LmtuneError(f"lengths has {len(lengths)} entries for {n_examples} examples")
+    if config.max_batch_tokens is not None and lengths is None:
+        raise LmtuneError("TrainConfig.max_batch_tokens needs the examples' lengths (train(..., lengths=...))")
     group_lengths = lengths if config.group_by_length else None
     device = plist[0].device
     rank, world = _distributed(device)
@@ -485,7 +508,7 @@ def train(params: dict[str, torch.nn.Parameter], loss_fn: Callable[[list[int]], 
                 batches_epoch = st.epoch
             t0 = time.perf_counter()
             st.lr = config.lr * lr_factor(st.step, total, warm, config.schedule)
-            _step(batches[st.pos], loss_fn, plist, opt, config, st, rank, world, after_update, groups)
+            _step(batches[st.pos], loss_fn, plist, opt, config, st, rank, world, after_update, groups, lengths)
             st.step += 1
             st.pos += 1
             st.ep_seconds += time.perf_counter() - t0
@@ -538,13 +561,13 @@ def _broadcast_params(plist) -> None:
 
 
 def _step(batch: list[int], loss_fn, plist, opt, config: TrainConfig, st: _Progress, rank: int, world: int,
-          after_update=None, groups: list[list[torch.nn.Parameter]] | None = None):
+          after_update=None, groups: list[list[torch.nn.Parameter]] | None = None, lengths=None):
     """One optimizer step on one global batch: micro-batches, all-reduce, checks, clip, AdamW."""
     opt.zero_grad(set_to_none=True)
     device = plist[0].device
     loss_total = torch.zeros((), dtype=torch.float64, device=device)
     tokens = 0
-    for mb in micro_batches(batch, rank, world, config.grad_accum):
+    for mb in micro_batches(batch, rank, world, config.grad_accum, lengths, config.max_batch_tokens):
         loss_sum, n_tokens = loss_fn(mb)
         if not isinstance(loss_sum, torch.Tensor) or loss_sum.ndim != 0 or not loss_sum.requires_grad:
             raise LmtuneError("loss_fn must return (loss_sum, n_tokens) with loss_sum a scalar tensor that "

@@ -97,6 +97,26 @@ def test_kill_resume_from_the_cli_matches_an_uninterrupted_run(tiny_model_dir, f
     assert a == (tmp_path / "b" / "adapter_model.safetensors").read_bytes()
 
 
+def test_a_token_budget_reaches_the_loop_and_leaves_the_adapter_unchanged(tiny_model_dir, files, tmp_path, capsys):
+    """--max-batch-tokens cuts the batches (here: one prompt per forward pass) and trains the same adapter."""
+    import torch
+    from safetensors.torch import load_file
+
+    args = ["--method", "lora", "--dropout", "0", "--epochs", "1", "--lr", "0.01", "--batch-size", "4", "--json"]
+    assert fit(tiny_model_dir, files, tmp_path / "a", *args) == 0
+    whole = json.loads(capsys.readouterr().out)
+    assert fit(tiny_model_dir, files, tmp_path / "b", *args, "--max-batch-tokens", "1") == 0
+    cut = json.loads(capsys.readouterr().out)
+    assert whole["training"]["config"]["max_batch_tokens"] is None
+    assert cut["training"]["config"]["max_batch_tokens"] == 1
+    a = load_file(tmp_path / "a" / "adapter_model.safetensors")
+    b = load_file(tmp_path / "b" / "adapter_model.safetensors")
+    assert a.keys() == b.keys()
+    for k in a:
+        torch.testing.assert_close(a[k], b[k], atol=2e-5, rtol=1e-4)  # float rounding through AdamW
+    assert any(float(v.abs().max()) > 0 for k, v in a.items() if "lora_B" in k)  # training moved the adapter
+
+
 def test_fit_runs_unchanged_under_torchrun(tiny_model_dir, files, tmp_path, monkeypatch):
     """Two gloo processes, each half of every batch, give the single-process adapter (dropout off)."""
     monkeypatch.setenv("LMTUNE_DEVICE", "cpu")  # both runs on the CPU, also where a GPU is present

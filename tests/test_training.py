@@ -124,6 +124,53 @@ def test_micro_batches_partition_the_global_batch():
     assert micro_batches([5], 1, 2, 2) == []  # nothing for this process
 
 
+def test_token_budget_cuts_only_the_micro_batches_above_it():
+    lengths = [10, 10, 10, 10, 30, 5, 5, 5, 5, 50]
+    # 4 x 10 = 40 padded tokens fit a budget of 40; 30 and three 5s pad to 4 x 30 = 120: two parts fit 60
+    parts = micro_batches([0, 1, 2, 3], 0, 1, 1, lengths, 40)
+    assert parts == [[0, 1, 2, 3]]
+    parts = micro_batches([4, 5, 6, 7], 0, 1, 1, lengths, 60)
+    assert parts == [[4, 5], [6, 7]]  # 2 x 30 = 60 fits
+    for budget in (1, 7, 25, 49, 64, 100, 500):
+        for batch in ([0, 1, 2, 3, 4, 5, 6, 7, 8, 9], [9, 8, 7, 6, 5], [4, 9]):
+            parts = micro_batches(batch, 0, 1, 1, lengths, budget)
+            assert [i for p in parts for i in p] == batch  # the same examples, in order
+            # every part fits, or is one example (longer than the budget on its own)
+            assert all(len(p) * max(lengths[i] for i in p) <= budget or len(p) == 1 for p in parts)
+            # the fewest near-equal parts: with one part fewer, some part of two or more would not fit
+            k = len(parts)
+            if k > 1:
+                fewer = np.array_split(np.asarray(batch), k - 1)
+                assert any(len(p) > 1 and len(p) * max(lengths[i] for i in p) > budget for p in fewer)
+    # with processes and accumulation: the budget applies to each of their parts
+    parts = micro_batches(list(range(10)), 1, 2, 1, lengths, 40)
+    assert [i for p in parts for i in p] == [1, 3, 5, 7, 9]
+    assert parts == [[1, 3], [5, 7], [9]]
+
+
+def test_token_budget_does_not_change_the_result_and_needs_lengths():
+    cfg = TrainConfig(epochs=2, lr=2e-2, batch_size=8, weight_decay=0.01, clip=0.5)
+    _, ref, loss_fn, _, lengths = problem()
+    train(ref, loss_fn, N_TRAIN, cfg, lengths=lengths, progress=False)
+
+    _, params, loss_fn, _, lengths = problem()
+    sizes = []
+
+    def recording_loss(idx):
+        sizes.append((len(idx), max(lengths[i] for i in idx)))
+        return loss_fn(idx)
+
+    budget = TrainConfig(**{**cfg.to_dict(), "max_batch_tokens": 20})
+    train(params, recording_loss, N_TRAIN, budget, lengths=lengths, progress=False)
+    assert all(n * m <= 20 or n == 1 for n, m in sizes)
+    assert len(sizes) > 2 * N_TRAIN // 8  # batches were cut
+    _assert_params_equal(_snapshot(params), _snapshot(ref), atol=1e-6)
+    with pytest.raises(LmtuneError, match="max_batch_tokens needs the examples' lengths"):
+        train(params, loss_fn, N_TRAIN, budget, progress=False)
+    with pytest.raises(LmtuneError, match="max_batch_tokens must be an integer >= 1"):
+        TrainConfig(max_batch_tokens=0)
+
+
 # ----------------------------------------------------------------------------------------------------
 # The loop on one process.
 

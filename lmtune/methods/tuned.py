@@ -115,6 +115,10 @@ class TunedClassifier(LabelTokenClassifier):
         inference passes.
     grad_accum : int
         Micro-batches per optimizer step: the same gradient as one big batch, in less memory.
+    max_batch_tokens : int or None
+        Memory budget of a forward pass in padded prompt tokens (examples x longest length): a batch
+        above it runs as micro-batches that fit, with the same gradient. Peak memory then follows the
+        budget instead of the longest batch of the data. None: no budget.
     weight_decay : float
         AdamW weight decay (not applied to biases and norm weights).
     warmup : float
@@ -157,7 +161,8 @@ class TunedClassifier(LabelTokenClassifier):
     options: ClassVar[tuple[str, ...]] = ()
 
     def __init__(self, model: "LM | str" = DEFAULT_MODEL, task=None, *, epochs: int = 3, lr: float | None = None,
-                 batch_size: int = 8, grad_accum: int = 1, weight_decay: float = 0.0, warmup: float = 0.06,
+                 batch_size: int = 8, grad_accum: int = 1, max_batch_tokens: int | None = None,
+                 weight_decay: float = 0.0, warmup: float = 0.06,
                  schedule: str = "cosine", clip: float | None = 1.0, patience: int | None = None, val=None,
                  val_metric: str = "nll", seed: int = 0, max_steps: int | None = None,
                  gradient_checkpointing: bool = False, checkpoint_dir: str | None = None, resume: bool = False,
@@ -167,6 +172,7 @@ class TunedClassifier(LabelTokenClassifier):
         self.epochs = epochs
         self.lr = lr
         self.grad_accum = grad_accum
+        self.max_batch_tokens = max_batch_tokens
         self.weight_decay = weight_decay
         self.warmup = warmup
         self.schedule = schedule
@@ -334,7 +340,8 @@ class TunedClassifier(LabelTokenClassifier):
 
         return TrainConfig(epochs=self.epochs, lr=self.lr if self.lr is not None else self.default_lr,
                            weight_decay=self.weight_decay, warmup=self.warmup, schedule=self.schedule,
-                           batch_size=self.batch_size, grad_accum=self.grad_accum, clip=self.clip or None,
+                           batch_size=self.batch_size, grad_accum=self.grad_accum,
+                           max_batch_tokens=self.max_batch_tokens, clip=self.clip or None,
                            patience=self.patience, seed=self.seed, max_steps=self.max_steps,
                            checkpoint_dir=self.checkpoint_dir)
 
