@@ -13,6 +13,12 @@ life up to the end of training; ``training_peak_rss_bytes`` the high-water mark 
   last position (``lmtune.methods.tuned``).
 * ``lmtune_gc``: the same with ``gradient_checkpointing=True`` (activation checkpointing: each layer's
   activations are recomputed in the backward pass instead of kept), lmtune's memory-saving option.
+* ``lmtune_ga2`` (only when asked for in ``--sides``): the same with ``grad_accum=2``, each batch of 8 run as
+  two micro-batches of 4 whose gradients add up to the batch's (the same optimizer steps; the activations
+  of half a batch live at a time): the other way to trade speed for memory.
+* ``lmtune_budget`` (only when asked for in ``--sides``): the same with ``max_batch_tokens=--token-budget``
+  (576 by default, 8 prompts of 72 tokens): only the batches whose padded size exceeds the budget run as
+  micro-batches, so the peak follows the budget instead of the longest batch.
 * ``peer_cls``, classification the HF way: ``get_peft_model(AutoModelForCausalLM, LoraConfig(same))`` and
   ``transformers.Trainer`` on the same chat-formatted prompts (lmtune's exact token ids from
   ``task.encode``) with the answer word's token appended; labels are -100 except at the answer token;
@@ -246,9 +252,11 @@ def rates(steps: list[dict], flops_per_padded_token: float | None, peak_gflops: 
 # ----------------------------------------------------------------------------------------------------
 # Child: lmtune.
 
-def child_lmtune(spec: dict, objective: str, gate: Gate, checkpointing: bool = False) -> dict:
+def child_lmtune(spec: dict, objective: str, gate: Gate, checkpointing: bool = False, grad_accum: int = 1,
+                 max_batch_tokens: int | None = None) -> dict:
     """lmtune's side: ``objective`` "cls" (label-token classification) or "lm" (plain LM on text chunks);
-    ``checkpointing``: with activation checkpointing."""
+    ``checkpointing``: with activation checkpointing; ``grad_accum``: micro-batches per batch;
+    ``max_batch_tokens``: the token budget of a micro-batch."""
     import torch
 
     torch.set_num_threads(spec["threads"])
@@ -310,7 +318,8 @@ def child_lmtune(spec: dict, objective: str, gate: Gate, checkpointing: bool = F
 
     kw = dict(rank=LORA["r"], alpha=LORA["lora_alpha"], dropout=LORA["lora_dropout"],
               target=",".join(LORA["target_modules"]), batch_size=BATCH, epochs=1, lr=LR, warmup=WARMUP,
-              clip=CLIP, seed=spec["seed"], progress=False, gradient_checkpointing=checkpointing)
+              clip=CLIP, seed=spec["seed"], progress=False, gradient_checkpointing=checkpointing,
+              grad_accum=grad_accum, max_batch_tokens=max_batch_tokens)
     peak_before = process_peak_rss()
     starts.append(gate.wait("ready"))
     reset_peak_rss()
@@ -548,6 +557,7 @@ def prepare(args) -> dict:
                          f"ids; lmtune's side could not train on the peer's exact tokens (try another --seq-len)")
     return {
         "model": DEFAULT_MODEL, "source": source, "data": data, "indices": indices, "seed": args.seed,
+        "token_budget": args.token_budget,
         "steps": args.steps, "lm_steps": args.lm_steps, "seq_len": args.seq_len, "threads": args.threads,
         "peer_sampling": args.peer_sampling, "input_ids": enc.input_ids, "y": [int(v) for v in enc.y],
         "label_ids": task.label_token_ids(tok), "flop_batch": flop_batch, "lm_chunks": chunks, "lm_texts": texts,
@@ -557,6 +567,7 @@ def prepare(args) -> dict:
 
 
 SIDES = ("lmtune", "lmtune_gc", "peer_cls", "lmtune_lm", "peer_lm")
+EXTRA_SIDES = ("lmtune_ga2", "lmtune_budget")  # run only when named in --sides
 
 
 def run_lockstep(spec_path: Path, tmp: Path, sides: tuple[str, ...] = SIDES) -> dict:
@@ -656,14 +667,17 @@ def main() -> None:
                     help="optimizer steps of batch 8 for the classification sides (default 20; 55 = the whole split)")
     ap.add_argument("--lm-steps", type=int, default=None, help="optimizer steps of the two LM-objective sides (default 10)")
     ap.add_argument("--seq-len", type=int, default=128)
+    ap.add_argument("--token-budget", type=int, default=576,
+                    help="max_batch_tokens of the lmtune_budget side (padded prompt tokens per micro-batch)")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--threads", type=int, default=None, help="torch threads in every side (default: torch's)")
     ap.add_argument("--peer-sampling", choices=["group_by_length", "random"], default="group_by_length")
     ap.add_argument("--out", default=None, help=f"write the JSON here too (default {DEFAULT_OUT.relative_to(REPO)}; "
                                                 "quick runs: nowhere)")
     ap.add_argument("--sides", default=",".join(SIDES),
-                    help=f"comma-separated subset of {','.join(SIDES)} (default: all; a goal needs both its sides)")
-    ap.add_argument("--child", choices=list(SIDES), help=argparse.SUPPRESS)
+                    help=f"comma-separated subset of {','.join(SIDES + EXTRA_SIDES)} (default: {','.join(SIDES)}; "
+                         "a goal needs both its sides)")
+    ap.add_argument("--child", choices=list(SIDES + EXTRA_SIDES), help=argparse.SUPPRESS)
     ap.add_argument("--spec", help=argparse.SUPPRESS)
     ap.add_argument("--child-out", help=argparse.SUPPRESS)
     ap.add_argument("--sync", help=argparse.SUPPRESS)
@@ -674,7 +688,9 @@ def main() -> None:
         spec = json.loads(Path(args.spec).read_text())
         gate = Gate(args.sync)
         objective = "lm" if args.child.endswith("_lm") else "cls"
-        res = (child_lmtune(spec, objective, gate, checkpointing=args.child == "lmtune_gc")
+        res = (child_lmtune(spec, objective, gate, checkpointing=args.child == "lmtune_gc",
+                            grad_accum=2 if args.child == "lmtune_ga2" else 1,
+                            max_batch_tokens=spec["token_budget"] if args.child == "lmtune_budget" else None)
                if args.child.startswith("lmtune") else child_peer(spec, objective, gate))
         Path(args.child_out).write_text(json.dumps(res))
         return
@@ -682,9 +698,9 @@ def main() -> None:
     import torch
 
     chosen = tuple(x.strip() for x in args.sides.split(",") if x.strip())
-    if not chosen or set(chosen) - set(SIDES):
-        ap.error(f"--sides: expected a comma-separated subset of {','.join(SIDES)}, got {args.sides!r}")
-    chosen = tuple(x for x in SIDES if x in chosen)
+    if not chosen or set(chosen) - set(SIDES + EXTRA_SIDES):
+        ap.error(f"--sides: expected a comma-separated subset of {','.join(SIDES + EXTRA_SIDES)}, got {args.sides!r}")
+    chosen = tuple(x for x in SIDES + EXTRA_SIDES if x in chosen)
     args.steps = args.steps or (4 if args.quick else 20)
     args.lm_steps = args.lm_steps or (3 if args.quick else 10)
     args.threads = args.threads or torch.get_num_threads()
@@ -707,6 +723,8 @@ def main() -> None:
     sides = {k: summarise(v, peak) for k, v in raw.items()}
     cls = compare(sides, "lmtune", "peer_cls", "examples_per_s")
     cls_gc = compare(sides, "lmtune_gc", "peer_cls", "examples_per_s")
+    cls_ga = compare(sides, "lmtune_ga2", "peer_cls", "examples_per_s")
+    cls_budget = compare(sides, "lmtune_budget", "peer_cls", "examples_per_s")
     lmo = compare(sides, "lmtune_lm", "peer_lm", "tokens_per_s")
 
     def goal(text, c, field, target, at_least):
@@ -738,14 +756,17 @@ def main() -> None:
         "model": spec["model"],
         "quick": args.quick,
         "config": {"sides": list(chosen), "lora": LORA, "batch_size": BATCH, "steps": args.steps, "lm_steps": args.lm_steps,
-                   "seq_len": args.seq_len, "seed": args.seed, "threads": args.threads, "lr": LR,
+                   "seq_len": args.seq_len, "token_budget": args.token_budget, "seed": args.seed,
+                   "threads": args.threads, "lr": LR,
                    "warmup": WARMUP, "schedule": "cosine", "clip": CLIP,
                    "peer_sampling": args.peer_sampling, "data": spec["data"], "n_records": len(spec["indices"]),
                    "prompt_tokens": spec["prompt_tokens"], "flop_batch": spec["flop_batch"],
                    "lm_stream_tokens": spec["lm_stream_tokens"], "lm_stream_repeats": spec["lm_stream_repeats"]},
         "peak_matmul": {"gflops": peak, "before": mm_before, "after": mm_after},
         "sides": {k: {kk: vv for kk, vv in v.items() if kk != "raw"} for k, v in sides.items()},
-        "ratios": {"lmtune_vs_peer_cls": cls, "lmtune_gc_vs_peer_cls": cls_gc, "lmtune_lm_vs_peer_lm": lmo},
+        "ratios": {"lmtune_vs_peer_cls": cls, "lmtune_gc_vs_peer_cls": cls_gc, "lmtune_lm_vs_peer_lm": lmo,
+                   **({"lmtune_ga2_vs_peer_cls": cls_ga} if cls_ga is not None else {}),
+                   **({"lmtune_budget_vs_peer_cls": cls_budget} if cls_budget is not None else {})},
         "interference": {"foreign_cpu_share_mean": foreign, "threshold": MAX_FOREIGN, "valid": valid,
                          "what": "share of the machine's CPUs used by other processes during the timed steps"},
         "issue_reference_peer": ISSUE_PEER,
