@@ -292,6 +292,12 @@ def _as_3d_stack(xs: list[torch.Tensor]) -> torch.Tensor:
     return torch.stack([_as_3d(x) for x in xs])
 
 
+def sketches_used(samples: int | None, n_classes: int) -> int | None:
+    """How many Gaussian sketches :func:`ggn_vectors` draws for ``n_classes``: None when the GGN is exact
+    (``samples`` None, or at least the K - 1 directions the exact GGN needs)."""
+    return None if samples is None or samples >= n_classes - 1 else samples
+
+
 def ggn_vectors(logits: torch.Tensor, samples: int | None = None,
                 generator: torch.Generator | None = None) -> torch.Tensor:
     """(B, K, m) vectors ``v_j`` with ``sum_j v_j v_j' = H = diag(p) - p p'`` (the softmax Hessian), p = softmax.
@@ -303,7 +309,7 @@ def ggn_vectors(logits: torch.Tensor, samples: int | None = None,
     H = torch.diag_embed(p) - p[:, :, None] * p[:, None, :]
     w, U = torch.linalg.eigh(H)  # ascending: column 0 is the all-ones direction, eigenvalue 0
     U = (U * w.clamp_min(0).sqrt()[:, None, :])[:, :, 1:]
-    if samples is None or samples >= U.shape[2]:
+    if sketches_used(samples, logits.shape[-1]) is None:
         return U
     xi = torch.randn((U.shape[0], U.shape[2], samples), generator=generator, dtype=U.dtype)
     return U @ (xi.to(U.device) / math.sqrt(samples))
@@ -823,7 +829,7 @@ def fit_lora_laplace(est, ds, val=None) -> tuple[KFACPosterior, dict]:
     lam, c, s2 = post.spectrum()
     mode_delta = KFACPosterior(post.blocks, theta=post.theta, log_lik=post.log_lik,
                                n_data=post.n_data).optimize_prior_precision("mode")
-    m = est.ggn_samples if est.ggn_samples is not None and est.ggn_samples < task.n_classes - 1 else None
+    m = sketches_used(est.ggn_samples, task.n_classes)
     ggn = ("the exact GGN" if m is None
            else f"the GGN from {m} Gaussian sketch{'es' if m > 1 else ''} of each example's softmax Hessian")
     info = {"kind": "laplace", "curvature": f"KFAC of {ggn} per LoRA factor, gradient-weighted token reduction",
